@@ -1,0 +1,1 @@
+"""Dataset scanning and validation, shared by `lora-train` and the dataset checker."""

@@ -1,0 +1,70 @@
+"""`lora-train PRESET`: train an adapter as a YAML preset describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lora_cli.cli.errors import run_app
+from lora_cli.cli.options import Overrides
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(help="Train a LoRA-family adapter as described by a YAML preset.")
+def train(
+    preset: Annotated[Path, typer.Argument(help="Preset YAML file.", show_default=False)],
+    overrides: Overrides = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved preset, targets, parameters and data; do not train.")
+    ] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint.")] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.", metavar="CHECKPOINT")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the results of an earlier run in output.dir.")
+    ] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw a progress bar.")] = False,
+) -> None:
+    from rich.console import Console
+
+    from lora_cli.config import load_preset
+    from lora_cli.errors import PresetError
+
+    if resume and overwrite:
+        raise PresetError("--resume and --overwrite contradict each other; choose one")
+    loaded = load_preset(preset, overrides or [])
+    _quiet_libraries()
+    from lora_cli.training.run import train as run_training
+
+    run_training(
+        loaded,
+        Console(stderr=True),
+        resume=resume,
+        resume_from=resume_from,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        show_progress=not no_progress,
+    )
+
+
+def _quiet_libraries() -> None:
+    """Silence load-time chatter of diffusers/transformers (progress bars, deprecation notes)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
+def main() -> None:
+    run_app(app, "lora-train")

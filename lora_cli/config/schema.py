@@ -1,0 +1,175 @@
+"""The preset schema: typed sections with defaults, help text and cross-field checks.
+
+Every field's `description` is the reference text of docs/presets.md (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PRESET_VERSION = 1
+
+
+class Section(BaseModel):
+    """A preset section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(
+        description="Base model: a local diffusers folder, a single-file `.safetensors` checkpoint, "
+        "or a Hugging Face hub id. Relative paths are resolved against the preset file's folder."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
+    config: str | None = Field(
+        None,
+        description="For a single-file checkpoint: a diffusers folder or hub id that holds the component "
+        "configs (needed offline, where diffusers cannot look them up).",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Storage dtype of the frozen base weights. Adapter weights always train in float32."
+    )
+
+
+class AdapterSection(Section):
+    type: Literal["lora"] = Field("lora", description="Adapter algorithm.")
+    rank: int = Field(4, gt=0, description="Rank (dimension) of the low-rank update.")
+    alpha: float | None = Field(
+        None, gt=0, description="Scale numerator: the update is multiplied by alpha / rank. Defaults to `rank` (scale 1)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
+    targets: list[str] | None = Field(
+        None,
+        description="Module-name patterns to adapt in the denoiser: a name suffix (`to_q`, `attn1.to_out.0`) "
+        "or a glob (`down_blocks.*.to_k`). Defaults to the architecture's attention projections.",
+    )
+    text_encoder: bool = Field(False, description="Also train an adapter on the text encoder(s).")
+    text_encoder_targets: list[str] | None = Field(
+        None, description="Module-name patterns for the text encoder. Defaults to attention and MLP projections."
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
+class DataSection(Section):
+    folder: str = Field(description="Folder of images with same-named caption files (`cat.png` + `cat.txt`).")
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (images are resized and cropped).")
+    caption_extensions: list[str] = Field(
+        [".txt", ".caption"], min_length=1, description="Caption file extensions, tried in order."
+    )
+    repeats: int = Field(1, ge=1, description="How many times each image appears per epoch.")
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability of training on an empty caption (keeps the unconditional branch)."
+    )
+    shuffle: bool = Field(True, description="Shuffle the image order every epoch (seeded).")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
+    keep_tags: int = Field(0, ge=0, description="With `shuffle_tags`, how many leading tags stay in place.")
+
+
+class TrainSection(Section):
+    steps: int | None = Field(None, gt=0, description="Optimizer steps to train. Set either `steps` or `epochs`.")
+    epochs: int | None = Field(None, gt=0, description="Epochs to train (converted to steps).")
+    batch_size: int = Field(1, gt=0, description="Images per micro-batch (per process).")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Learning rate for the denoiser's adapter.")
+    text_encoder_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate for the text-encoder adapter. Defaults to `learning_rate`."
+    )
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps at the start of the schedule.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
+        "adamw",
+        description="`adamw` (torch), `adamw8bit` (bitsandbytes, install `lora-cli[bnb]`) or `prodigy` "
+        "(adaptive step size; use learning_rate 1.0).",
+    )
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay.")
+    optimizer_args: dict[str, float | int | bool | str | list[float]] = Field(
+        {}, description="Extra keyword arguments for the optimizer, e.g. `{betas: [0.9, 0.99]}`."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; null disables.")
+    seed: int = Field(42, description="Seed for data order, noise, timesteps and adapter initialisation.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision for the forward pass.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR loss weighting (Hang et al. 2023); 5 is the usual value. null disables."
+    )
+    noise_offset: float = Field(0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images).")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSection:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of `train.steps` or `train.epochs`")
+        if self.warmup_steps and self.scheduler == "constant":
+            raise ValueError("`train.warmup_steps` has no effect with scheduler `constant`; use `constant_with_warmup`")
+        return self
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.learning_rate if self.text_encoder_learning_rate is None else self.text_encoder_learning_rate
+
+
+class CacheSection(Section):
+    latents: bool = Field(False, description="Encode images once to disk (under `output.dir/cache`) and free the VAE.")
+    text_embeddings: bool = Field(
+        False, description="Encode captions once to disk and free the text encoder (not with a text-encoder adapter)."
+    )
+
+
+class OutputSection(Section):
+    dir: str = Field("output", description="Run folder: adapter, checkpoints, logs, samples, cache.")
+    name: str = Field("lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter file name (without extension).")
+    format: Literal["kohya", "diffusers"] = Field(
+        "kohya",
+        description="Key format: `kohya` (A1111, ComfyUI and diffusers read it) or `diffusers` (peft-style keys).",
+    )
+    save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
+    keep_last: int = Field(3, ge=1, description="How many checkpoints to keep.")
+
+
+class SampleSection(Section):
+    prompts: list[str] = Field([], description="Prompts for preview images.")
+    every: int | None = Field(None, gt=0, description="Draw previews every N steps (and at the end) when prompts are set.")
+    steps: int = Field(25, gt=0, description="Denoising steps per preview.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    negative_prompt: str = Field("", description="Negative prompt for previews.")
+    seed: int = Field(0, description="Seed for previews (the same every time, so they are comparable).")
+
+
+class LoggingSection(Section):
+    every: int = Field(1, gt=0, description="Write a metrics line every N steps.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard under `output.dir/tensorboard`.")
+
+
+class Preset(Section):
+    version: int = Field(PRESET_VERSION, description="Preset format version.")
+    model: ModelSection
+    adapter: AdapterSection = AdapterSection()
+    data: DataSection
+    train: TrainSection
+    cache: CacheSection = CacheSection()
+    output: OutputSection = OutputSection()
+    sample: SampleSection = SampleSection()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> Preset:
+        if self.cache.text_embeddings and self.adapter.text_encoder:
+            raise ValueError(
+                "`cache.text_embeddings` cannot be used with `adapter.text_encoder: true` "
+                "(the embeddings change while training); turn one off"
+            )
+        if self.cache.text_embeddings and self.data.shuffle_tags:
+            raise ValueError(
+                "`cache.text_embeddings` cannot be used with `data.shuffle_tags` (every shuffle is a new caption)"
+            )
+        if self.data.resolution % 8:
+            raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")
+        return self

@@ -1,0 +1,1 @@
+"""File formats: atomic writes, safetensors access, adapter key formats."""

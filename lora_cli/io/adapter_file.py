@@ -1,0 +1,81 @@
+"""Adapter `.safetensors` files in kohya or diffusers layout: writing atomically, reading with format detection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from lora_cli.adapters.registry import AdapterAlgorithm
+from lora_cli.errors import AdapterError
+from lora_cli.io.keys import AdapterTensors, ModuleKey, from_diffusers, from_kohya, to_diffusers, to_kohya
+from lora_cli.io.safetensors_file import load_tensors, save_tensors
+
+FileFormat = Literal["kohya", "diffusers"]
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' loader looks for rank/alpha
+
+
+def save_adapter(
+    path: str | Path,
+    tensors: AdapterTensors,
+    algorithm: AdapterAlgorithm,
+    file_format: FileFormat,
+    kohya_prefixes: dict[str, str],
+    metadata: dict[str, str],
+) -> None:
+    """Write the adapter atomically in the requested key layout, with `metadata` in the header."""
+    metadata = {**metadata, "lora_cli.format": file_format}
+    if file_format == "kohya":
+        flat = to_kohya(tensors, kohya_prefixes)
+    else:
+        peft_names = {file: peft for peft, file in algorithm.tensor_names.items()}
+        flat = to_diffusers(tensors, peft_names)
+        metadata[DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_adapter_config(tensors), sort_keys=True)
+    save_tensors(path, flat, metadata)
+
+
+def read_adapter(
+    path: str | Path, algorithm: AdapterAlgorithm, kohya_index: dict[str, ModuleKey]
+) -> tuple[AdapterTensors, dict[str, str]]:
+    """Read an adapter in either layout into the internal namespace (alpha restored for diffusers files)."""
+    flat, metadata = load_tensors(path, AdapterError)
+    if not flat:
+        raise AdapterError(f"{path}: the file holds no tensors")
+    if any(key.startswith("lora_") for key in flat):
+        return from_kohya(flat, kohya_index, str(path)), metadata
+    components = {component for component, _ in kohya_index.values()}
+    file_names = algorithm.tensor_names
+    tensors = from_diffusers(flat, file_names, components, str(path))
+    _restore_alpha(tensors, metadata)
+    return tensors, metadata
+
+
+def _diffusers_adapter_config(tensors: AdapterTensors) -> dict[str, object]:
+    """peft LoraConfig fields per component, prefixed the way diffusers' `save_lora_weights` writes them."""
+    config: dict[str, object] = {}
+    for component in sorted({c for c, _ in tensors}):
+        modules = {m: named for (c, m), named in tensors.items() if c == component}
+        ranks = {m: int(named["lora_down.weight"].shape[0]) for m, named in modules.items()}
+        alphas = {m: float(named["alpha"]) for m, named in modules.items()}
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        config[f"{component}.r"] = rank
+        config[f"{component}.lora_alpha"] = alpha
+        config[f"{component}.target_modules"] = sorted(modules)
+        config[f"{component}.rank_pattern"] = {m: r for m, r in ranks.items() if r != rank}
+        config[f"{component}.alpha_pattern"] = {m: a for m, a in alphas.items() if a != alpha}
+    return config
+
+
+def _restore_alpha(tensors: AdapterTensors, metadata: dict[str, str]) -> None:
+    import torch
+
+    try:
+        config = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        config = {}
+    for (component, module), named in tensors.items():
+        rank = named["lora_down.weight"].shape[0]
+        pattern = config.get(f"{component}.alpha_pattern") or {}
+        alpha = pattern.get(module, config.get(f"{component}.lora_alpha", rank))
+        named["alpha"] = torch.tensor(float(alpha), dtype=torch.float32)

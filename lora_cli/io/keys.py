@@ -1,0 +1,90 @@
+"""The internal adapter namespace and its conversion to the kohya and diffusers/peft file layouts.
+
+Internally an adapter is `{(component, module_path): {tensor_name: tensor}}` with kohya/LyCORIS tensor
+names (`lora_down.weight`, `lora_up.weight`, `alpha`). Conversions consume every key and refuse leftovers
+or collisions, so a format mismatch is an error instead of a silently partial adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_cli.errors import AdapterError
+
+ModuleKey = tuple[str, str]
+AdapterTensors = dict[ModuleKey, dict[str, torch.Tensor]]
+
+
+def to_kohya(tensors: AdapterTensors, prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`lora_unet_down_blocks_0_..._to_q.lora_down.weight` style keys (A1111, ComfyUI, kohya)."""
+    flat: dict[str, torch.Tensor] = {}
+    for (component, module), named in tensors.items():
+        stem = f"{prefixes[component]}_{module.replace('.', '_')}"
+        for name, value in named.items():
+            _put(flat, f"{stem}.{name}", value)
+    return flat
+
+
+def from_kohya(
+    flat: dict[str, torch.Tensor], module_index: dict[str, ModuleKey], source: str
+) -> AdapterTensors:
+    """Inverse of `to_kohya`, given `{kohya_stem: (component, module)}` built from the base's layers."""
+    tensors: AdapterTensors = {}
+    unmatched = []
+    for key, value in flat.items():
+        stem, _, name = key.partition(".")
+        if stem not in module_index:
+            unmatched.append(stem)
+            continue
+        named = tensors.setdefault(module_index[stem], {})
+        if name in named:
+            raise AdapterError(f"{source}: tensor {key} appears twice")
+        named[name] = value
+    if unmatched:
+        raise AdapterError(
+            f"{source}: {len(set(unmatched))} adapter layer(s) match nothing in the base, e.g. {sorted(unmatched)[0]}"
+        )
+    return tensors
+
+
+def kohya_module_index(modules: dict[str, list[str]], prefixes: dict[str, str]) -> dict[str, ModuleKey]:
+    """`{kohya_stem: (component, module)}` for every candidate module of every component."""
+    index: dict[str, ModuleKey] = {}
+    for component, names in modules.items():
+        for module in names:
+            index[f"{prefixes[component]}_{module.replace('.', '_')}"] = (component, module)
+    return index
+
+
+def to_diffusers(tensors: AdapterTensors, peft_names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`unet.<module>.lora_A.weight` style keys (diffusers' `load_lora_weights`); alpha goes to metadata."""
+    flat: dict[str, torch.Tensor] = {}
+    for (component, module), named in tensors.items():
+        for name, value in named.items():
+            if name != "alpha":
+                _put(flat, f"{component}.{module}.{peft_names[name]}", value)
+    return flat
+
+
+def from_diffusers(
+    flat: dict[str, torch.Tensor], file_names: dict[str, str], components: set[str], source: str
+) -> AdapterTensors:
+    """Inverse of `to_diffusers` (without alpha): `file_names` maps peft tensor suffixes to internal names."""
+    tensors: AdapterTensors = {}
+    for key, value in flat.items():
+        component, _, rest = key.partition(".")
+        suffix = next((s for s in file_names if rest.endswith("." + s)), None)
+        if component not in components or suffix is None:
+            raise AdapterError(f"{source}: unrecognised diffusers adapter key {key}")
+        module = rest[: -len(suffix) - 1]
+        named = tensors.setdefault((component, module), {})
+        if file_names[suffix] in named:
+            raise AdapterError(f"{source}: tensor {key} appears twice")
+        named[file_names[suffix]] = value
+    return tensors
+
+
+def _put(flat: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    if key in flat:
+        raise AdapterError(f"two adapter tensors map to the same file key {key}")
+    flat[key] = value

@@ -1,0 +1,36 @@
+"""Base-model architectures, one module each, and the loader that picks the right one."""
+
+from __future__ import annotations
+
+from lora_cli.config.schema import ModelSection
+from lora_cli.errors import ModelLoadError
+from lora_cli.models.base import Architecture, BaseIdentity, LoadedBase
+from lora_cli.models.source import local_location, pipeline_class_name
+from lora_cli.models.stable_diffusion import StableDiffusion
+
+ARCHITECTURES: tuple[Architecture, ...] = (StableDiffusion(),)
+
+
+
+def load_base(spec: ModelSection) -> LoadedBase:
+    """Load the base named by the preset's `model` section, frozen, in its storage dtype."""
+    import torch
+
+    location = local_location(spec)
+    class_name = pipeline_class_name(spec, location)
+    architecture = next((arch for arch in ARCHITECTURES if arch.matches(class_name)), None)
+    if architecture is None:
+        supported = ", ".join(arch.name for arch in ARCHITECTURES)
+        raise ModelLoadError(f"model.path: {spec.path} is a {class_name}, which lora-cli cannot train yet ({supported})")
+    try:
+        base = architecture.load(spec, location, getattr(torch, spec.dtype))
+    except (OSError, ValueError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model.path: cannot load {spec.path}: {message}") from None
+    for module in (base.denoiser, base.vae, *base.text_encoders.values()):
+        module.requires_grad_(False)
+        module.eval()
+    return base
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "BaseIdentity", "LoadedBase", "load_base"]

@@ -1,0 +1,52 @@
+"""Preview images from a pipeline with fixed seeds, and labelled grids of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+
+def generate_images(
+    pipeline: Any,
+    prompts: list[str],
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    negative_prompt: str,
+    size: int,
+) -> list[Image.Image]:
+    """One image per prompt; image i uses seed `seed + i`, so the same call always draws the same images."""
+    import torch
+
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed + index)
+        result = pipeline(
+            prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=size,
+            width=size,
+            generator=generator,
+        )
+        images.append(result.images[0])
+    return images
+
+
+def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+    """Images in a grid with a label above each column and at the left of each row."""
+    cell_w, cell_h = rows[0][0].size
+    label_w = max(80, 7 * max((len(label) for label in row_labels), default=0))
+    label_h = 16
+    grid = Image.new("RGB", (label_w + cell_w * len(column_labels), label_h + cell_h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(column_labels):
+        draw.text((label_w + column * cell_w + 2, 2), label, fill="black")
+    for row, (label, images) in enumerate(zip(row_labels, rows, strict=True)):
+        draw.text((2, label_h + row * cell_h + cell_h // 2 - 5), label, fill="black")
+        for column, image in enumerate(images):
+            grid.paste(image, (label_w + column * cell_w, label_h + row * cell_h))
+    return grid

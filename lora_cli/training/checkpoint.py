@@ -1,0 +1,114 @@
+"""Resumable checkpoints: adapter, optimizer, LR schedule, RNG states and data position, safetensors only.
+
+A checkpoint is a folder `checkpoints/step-000123/` written under a temporary name and renamed in one
+step, holding `adapter.safetensors` (kohya layout) and `state.safetensors` (tensors + JSON metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cli.errors import CheckpointError
+from lora_cli.io.atomic import atomic_directory
+from lora_cli.io.safetensors_file import load_tensors, save_tensors
+
+STATE_FILE = "state.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+PREFIX = "step-"
+
+
+@dataclass
+class TrainingState:
+    """Everything besides the adapter weights that an exact resume needs."""
+
+    step: int
+    micro_step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    generator: torch.Tensor
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor]
+    preset: dict[str, Any]
+
+
+def checkpoint_dir(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"{PREFIX}{step:06d}"
+
+
+def list_checkpoints(checkpoints: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(folder: Path, adapter_tensors: dict[str, torch.Tensor], state: TrainingState) -> None:
+    tensors, metadata = _flatten(state)
+    with atomic_directory(folder) as tmp:
+        save_tensors(tmp / ADAPTER_FILE, adapter_tensors, {"lora_cli.checkpoint_step": str(state.step)})
+        save_tensors(tmp / STATE_FILE, tensors, metadata)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
+    if not (folder / STATE_FILE).is_file() or not (folder / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a lora-cli checkpoint (needs {ADAPTER_FILE} and {STATE_FILE})")
+    adapter, _ = load_tensors(folder / ADAPTER_FILE, CheckpointError)
+    tensors, metadata = load_tensors(folder / STATE_FILE, CheckpointError)
+    try:
+        return adapter, _unflatten(tensors, metadata)
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: damaged checkpoint state ({exc})") from None
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    for old in list_checkpoints(checkpoints)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _flatten(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {"rng.generator": state.generator, "rng.torch": state.torch_rng}
+    tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(state.cuda_rng)})
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, values in state.optimizer["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    metadata = {
+        "step": str(state.step),
+        "micro_step": str(state.micro_step),
+        "optimizer.param_groups": json.dumps(state.optimizer["param_groups"]),
+        "optimizer.scalars": json.dumps(scalars),
+        "scheduler": json.dumps(state.scheduler),
+        "preset": json.dumps(state.preset),
+    }
+    return tensors, metadata
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> TrainingState:
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param_id, name = key.split(".", 2)
+            optimizer_state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in json.loads(metadata["optimizer.scalars"]).items():
+        optimizer_state.setdefault(int(param_id), {}).update(values)
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    return TrainingState(
+        step=int(metadata["step"]),
+        micro_step=int(metadata["micro_step"]),
+        optimizer={"state": optimizer_state, "param_groups": json.loads(metadata["optimizer.param_groups"])},
+        scheduler=json.loads(metadata["scheduler"]),
+        generator=tensors["rng.generator"],
+        torch_rng=tensors["rng.torch"],
+        cuda_rng=[tensors[k] for k in cuda],
+        preset=json.loads(metadata["preset"]),
+    )

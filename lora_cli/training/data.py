@@ -1,0 +1,90 @@
+"""Training data: images to tensors, captions with dropout/tag shuffling, and a resumable batch order.
+
+Batches are drawn within one aspect-ratio bucket; today every image uses the square bucket of
+`data.resolution`, and aspect-ratio buckets only change `bucket_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from datasets_tools.scan import DatasetItem, dataset_fingerprint, file_digest
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The dataset as the trainer sees it: items, their content digests, and one entry per repeat."""
+
+    items: list[DatasetItem]
+    digests: list[str]
+    entries: list[int]
+    buckets: list[tuple[int, int]]
+    fingerprint: str
+
+    @classmethod
+    def build(cls, items: list[DatasetItem], resolution: int, repeats: int) -> TrainingData:
+        digests = [file_digest(item.image) for item in items]
+        entries = [index for index, item in enumerate(items) for _ in range(item.repeats * repeats)]
+        buckets = [bucket_size(item, resolution) for item in items]
+        return cls(items, digests, entries, buckets, dataset_fingerprint(items, digests))
+
+
+def bucket_size(item: DatasetItem, resolution: int) -> tuple[int, int]:
+    """(width, height) the image is trained at."""
+    return resolution, resolution
+
+
+def load_pixels(path: object, size: tuple[int, int]) -> torch.Tensor:
+    """An image as a [3, H, W] tensor in [-1, 1]: EXIF rotation applied, RGB, scaled to cover, centre-cropped."""
+    width, height = size
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def epoch_batches(
+    data: TrainingData, batch_size: int, seed: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
+    """The epoch's batches of entry positions: each within one bucket, order a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for position, item_index in enumerate(data.entries):
+        by_bucket.setdefault(data.buckets[item_index], []).append(position)
+    batches = []
+    for bucket in sorted(by_bucket):
+        positions = by_bucket[bucket]
+        if shuffle:
+            positions = [positions[i] for i in torch.randperm(len(positions), generator=generator).tolist()]
+        batches += [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def prepare_caption(
+    caption: str, shuffle_tags: bool, keep_tags: int, dropout: float, generator: torch.Generator
+) -> str:
+    """Apply caption dropout (empty caption) and comma-separated tag shuffling, using the run's generator."""
+    if dropout > 0 and torch.rand((), generator=generator).item() < dropout:
+        return ""
+    if not shuffle_tags:
+        return caption
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    fixed, movable = tags[:keep_tags], tags[keep_tags:]
+    order = torch.randperm(len(movable), generator=generator).tolist()
+    return ", ".join(fixed + [movable[i] for i in order])

@@ -1,0 +1,97 @@
+"""The run folder's layout, the rule that an earlier run is never silently overwritten, and file metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli import __version__
+from lora_cli.adapters.injection import InjectedAdapter
+from lora_cli.config.schema import Preset
+from lora_cli.errors import OutputExistsError
+from lora_cli.models.base import BaseIdentity
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    name: str
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / f"{self.name}.safetensors"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def preset(self) -> Path:
+        return self.root / "preset.yaml"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    def results(self) -> list[Path]:
+        """What a finished or interrupted run leaves behind (the cache is content-keyed and always reusable)."""
+        candidates = [self.adapter, self.checkpoints, self.metrics, self.loss_plot, self.samples, self.tensorboard]
+        return [path for path in candidates if path.exists()]
+
+
+def claim_run_folder(paths: RunPaths, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix with an earlier run unless the user asked to resume it or to replace it."""
+    existing = paths.results()
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{paths.root} already holds a run ({existing[0].name}); use --resume to continue it, "
+            "--overwrite to replace it, or set output.dir to a new folder"
+        )
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def adapter_metadata(
+    preset: Preset, identity: BaseIdentity, adapter: InjectedAdapter, step: int, dataset_fingerprint: str
+) -> dict[str, str]:
+    """Self-describing header: algorithm, rank, alpha, targets, base identity, preset, step, dataset."""
+    section = adapter.section
+    return {
+        "lora_cli.version": __version__,
+        "lora_cli.algorithm": section.type,
+        "lora_cli.rank": str(section.rank),
+        "lora_cli.alpha": str(section.effective_alpha),
+        "lora_cli.targets": json.dumps(adapter.targets),
+        "lora_cli.base_model": identity.source,
+        "lora_cli.base_fingerprint": identity.fingerprint,
+        "lora_cli.base_architecture": identity.architecture,
+        "lora_cli.preset": json.dumps(preset.model_dump(mode="json")),
+        "lora_cli.step": str(step),
+        "lora_cli.dataset_fingerprint": dataset_fingerprint,
+        # kohya's keys, shown by A1111/ComfyUI tools that inspect LoRA files.
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(section.rank),
+        "ss_network_alpha": str(section.effective_alpha),
+        "ss_sd_model_name": identity.source,
+        "ss_steps": str(step),
+    }

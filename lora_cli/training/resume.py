@@ -1,0 +1,78 @@
+"""Capture a session's state into a checkpoint and restore it, so a resumed run continues exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lora_cli.errors import CheckpointError
+from lora_cli.io.keys import from_kohya, kohya_module_index, to_kohya
+from lora_cli.training.checkpoint import (
+    TrainingState,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from lora_cli.training.session import TrainingSession
+
+# Preset sections that must be identical to resume; the rest (steps, logging, output...) may change.
+FROZEN_SECTIONS = ("model", "adapter", "data")
+
+
+def write_checkpoint(session: TrainingSession) -> Path:
+    prefixes = session.base.architecture.kohya_prefixes
+    state = TrainingState(
+        step=session.step,
+        micro_step=session.micro_step,
+        optimizer=session.optimizer.state_dict(),
+        scheduler=session.scheduler.state_dict(),
+        generator=session.generator.get_state(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        preset=session.preset.model_dump(mode="json"),
+    )
+    folder = checkpoint_dir(session.paths.checkpoints, session.step)
+    save_checkpoint(folder, to_kohya(session.adapter.tensors(), prefixes), state)
+    prune_checkpoints(session.paths.checkpoints, session.preset.output.keep_last)
+    return folder
+
+
+def find_checkpoint(session: TrainingSession, explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    found = list_checkpoints(session.paths.checkpoints)
+    if not found:
+        raise CheckpointError(
+            f"{session.paths.checkpoints}: no checkpoint to resume from; "
+            "set output.save_every to write them, or start without --resume"
+        )
+    return found[-1]
+
+
+def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
+    adapter_flat, state = load_checkpoint(folder)
+    current = session.preset.model_dump(mode="json")
+    for section in FROZEN_SECTIONS:
+        if state.preset.get(section) != current[section]:
+            changed = sorted(
+                key for key in current[section] if state.preset.get(section, {}).get(key) != current[section][key]
+            )
+            raise CheckpointError(
+                f"{folder}: the checkpoint was trained with different `{section}` settings "
+                f"({', '.join(f'{section}.{k}' for k in changed)}); restore them or start a new run"
+            )
+    prefixes = session.base.architecture.kohya_prefixes
+    index = kohya_module_index(session.adapter.targets, prefixes)
+    session.adapter.load_tensors(from_kohya(adapter_flat, index, str(folder)), str(folder))
+    session.optimizer.load_state_dict(state.optimizer)
+    session.scheduler.load_state_dict(state.scheduler)
+    session.generator.set_state(state.generator)
+    torch.set_rng_state(state.torch_rng)
+    if state.cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state.cuda_rng)
+    session.step, session.micro_step = state.step, state.micro_step
+    if session.step > session.total_steps:
+        raise CheckpointError(f"{folder}: checkpoint is at step {session.step}, past train.steps={session.total_steps}")

@@ -1,0 +1,92 @@
+"""`lora-train` end to end: check the data, load the base, train (or describe the plan), write the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from datasets_tools.scan import ScanResult
+from lora_cli.config import Preset, preset_to_yaml
+from lora_cli.io.adapter_file import save_adapter
+from lora_cli.io.atomic import write_text_atomic
+from lora_cli.training.outputs import adapter_metadata, claim_run_folder
+from lora_cli.training.session import TrainingSession, build_session, prepare_model, run_paths, scan_dataset
+
+
+def train(
+    preset: Preset,
+    console: Console,
+    resume: bool = False,
+    resume_from: Path | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    show_progress: bool = True,
+) -> Path | None:
+    """Run the preset; returns the adapter path (None for a dry run)."""
+    from lora_cli.training.callbacks import default_callbacks
+    from lora_cli.training.loop import run_loop
+    from lora_cli.training.resume import find_checkpoint, restore_checkpoint
+
+    scan = scan_dataset(preset)
+    for finding in scan.warnings:
+        console.print(f"[yellow]warning[/]: {finding.file}: {finding.reason} ({finding.fix})", highlight=False)
+    paths = run_paths(preset)
+    resuming = resume or resume_from is not None
+    if not dry_run:
+        claim_run_folder(paths, resuming, overwrite)
+    base, adapter, data = prepare_model(preset, scan)
+    if dry_run:
+        _describe_plan(console, preset, scan, base, adapter, data)
+        return None
+
+    session = build_session(preset, paths, base, adapter, data)
+    if resuming:
+        checkpoint = find_checkpoint(session, resume_from)
+        restore_checkpoint(session, checkpoint)
+        console.print(f"resumed from {checkpoint} at step {session.step}", highlight=False)
+    if session.accelerator.is_main_process:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(paths.preset, preset_to_yaml(preset))
+    run_loop(session, default_callbacks(session, show_progress))
+    session.accelerator.wait_for_everyone()
+    if session.accelerator.is_main_process:
+        _write_adapter(session)
+        console.print(f"adapter written to {paths.adapter}", highlight=False)
+    return paths.adapter
+
+
+def _write_adapter(session: TrainingSession) -> None:
+    preset = session.preset
+    metadata = adapter_metadata(preset, session.base.identity, session.adapter, session.step, session.data.fingerprint)
+    save_adapter(
+        session.paths.adapter,
+        session.adapter.tensors(),
+        session.adapter.algorithm,
+        preset.output.format,
+        session.base.architecture.kohya_prefixes,
+        metadata,
+    )
+
+
+def _describe_plan(console: Console, preset: Preset, scan: ScanResult, base, adapter, data) -> None:
+    import math
+
+    console.print("[bold]Resolved preset[/]")
+    console.print(preset_to_yaml(preset), highlight=False, markup=False)
+    for component, names in adapter.targets.items():
+        console.print(f"[bold]{component}[/]: {len(names)} target modules", highlight=False)
+        for name in names:
+            console.print(f"  {name}", highlight=False, markup=False)
+    total = sum(p.numel() for model in base.trainable_components().values() for p in model.parameters())
+    trainable = adapter.trainable_count()
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", highlight=False)
+    uncaptioned = sum(1 for item in scan.items if not item.caption)
+    batch = preset.train.batch_size
+    batches = math.ceil(len(data.entries) / batch)
+    console.print(
+        f"dataset: {len(scan.items)} images ({uncaptioned} without caption), {len(data.entries)} per epoch "
+        f"with repeats, {batches} batches of {batch} per epoch, {len(scan.warnings)} warnings",
+        highlight=False,
+    )
+    console.print(f"architecture: {base.identity.architecture}; base fingerprint {base.identity.fingerprint[:16]}")

@@ -1,0 +1,131 @@
+"""Assemble a training run from a preset: data, base, adapter, optimizer, accelerator and run state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datasets_tools.scan import ScanResult, scan_folder
+from lora_cli.adapters.injection import InjectedAdapter, inject_adapter
+from lora_cli.config.schema import Preset
+from lora_cli.errors import DatasetError, PresetError
+from lora_cli.models import LoadedBase, load_base
+from lora_cli.training.data import TrainingData, epoch_batches
+from lora_cli.training.encoders import BatchEncoder
+from lora_cli.training.optim import build_optimizer, build_scheduler
+from lora_cli.training.outputs import RunPaths
+
+
+@dataclass
+class TrainingSession:
+    """Everything the loop touches. `step` counts optimizer steps, `micro_step` micro-batches consumed."""
+
+    preset: Preset
+    paths: RunPaths
+    base: LoadedBase
+    adapter: InjectedAdapter
+    data: TrainingData
+    encoder: BatchEncoder
+    accelerator: Any
+    denoiser: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    generator: torch.Generator
+    total_steps: int
+    batches_per_epoch: int
+    step: int = 0
+    micro_step: int = 0
+
+    def next_batch(self) -> list[int]:
+        """Item indices of the next micro-batch for this process; advances the data position."""
+        epoch, offset = divmod(self.micro_step, self.batches_per_epoch)
+        world = self.accelerator.num_processes
+        train = self.preset.train
+        batches = epoch_batches(self.data, train.batch_size * world, train.seed, epoch, self.preset.data.shuffle)
+        self.micro_step += 1
+        positions = batches[offset][self.accelerator.process_index :: world]
+        return [self.data.entries[p] for p in positions]
+
+    @property
+    def epoch(self) -> float:
+        return self.micro_step / self.batches_per_epoch
+
+
+def scan_dataset(preset: Preset) -> ScanResult:
+    """Scan the dataset before any model is loaded; errors stop the run with the first one."""
+    result = scan_folder(preset.data.folder, preset.data.caption_extensions)
+    if result.errors:
+        first = result.errors[0]
+        more = f" (+{len(result.errors) - 1} more errors)" if len(result.errors) > 1 else ""
+        raise DatasetError(f"{first.file}: {first.reason}; {first.fix}{more}")
+    return result
+
+
+def prepare_model(preset: Preset, scan: ScanResult) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
+    """Load the frozen base, inject the adapter and index the data (shared by training and --dry-run)."""
+    data = TrainingData.build(scan.items, preset.data.resolution, preset.data.repeats)
+    base = load_base(preset.model)
+    adapter = inject_adapter(base, preset.adapter, preset.train.seed)
+    return base, adapter, data
+
+
+def build_session(
+    preset: Preset, paths: RunPaths, base: LoadedBase, adapter: InjectedAdapter, data: TrainingData
+) -> TrainingSession:
+    """Wire up accelerate, caches, optimizer and schedule around a prepared model."""
+    from accelerate import Accelerator
+
+    train = preset.train
+    try:
+        accelerator = Accelerator(mixed_precision=train.mixed_precision)
+    except (ValueError, RuntimeError) as exc:
+        raise PresetError(f"train.mixed_precision: {train.mixed_precision} is not available here ({exc})") from None
+    device = accelerator.device
+    for module in (base.vae, *base.text_encoders.values()):
+        module.to(device)
+    if train.gradient_checkpointing:
+        base.denoiser.enable_gradient_checkpointing()
+    base.denoiser.train()
+
+    encoder = BatchEncoder(base, data, preset, device)
+    keep_encoders = bool(preset.sample.prompts)
+    encoder.fill_caches(paths.cache, keep_encoders, on_progress=lambda message: None)
+
+    groups = [{"params": adapter.parameters(base.architecture.denoiser_name), "lr": train.learning_rate}]
+    for name in adapter.components:
+        if name != base.architecture.denoiser_name:
+            base.text_encoders[name].train()
+            groups.append({"params": adapter.parameters(name), "lr": train.effective_text_encoder_lr})
+    optimizer = build_optimizer(groups, train)
+
+    world = accelerator.num_processes
+    batches_per_epoch = len(epoch_batches(data, train.batch_size * world, train.seed, 0, False))
+    total_steps = train.steps or train.epochs * math.ceil(batches_per_epoch / train.gradient_accumulation)
+    scheduler = build_scheduler(optimizer, train, total_steps)
+
+    # Only the denoiser is wrapped (DDP on several processes); text encoders stay plain modules on the device.
+    denoiser = accelerator.prepare_model(base.denoiser)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    return TrainingSession(
+        preset=preset,
+        paths=paths,
+        base=base,
+        adapter=adapter,
+        data=data,
+        encoder=encoder,
+        accelerator=accelerator,
+        denoiser=denoiser,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=torch.Generator().manual_seed(train.seed),
+        total_steps=total_steps,
+        batches_per_epoch=batches_per_epoch,
+    )
+
+
+def run_paths(preset: Preset) -> RunPaths:
+    return RunPaths(Path(preset.output.dir), preset.output.name)
