@@ -1,0 +1,207 @@
+"""End-to-end `lora-train` runs on the tiny pipeline: outputs, diffusers compatibility, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+
+def load_pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def draw(pipe) -> torch.Tensor:
+    out = pipe("a yellow star", num_inference_steps=3, height=64, width=64, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    return out.images
+
+
+def test_lora_train_writes_adapter_metadata_logs_and_previews(write_preset, tmp_path: Path, tiny_sd: Path) -> None:
+    preset = write_preset(sample={"prompts": ["a yellow star"], "steps": 2}, output={"dir": str(tmp_path / "run"), "save_every": 2})
+    result = run_cli(str(preset), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    adapter = run / "lora.safetensors"
+    tensors = load_file(adapter)
+    down = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert len(down) == 32 and all(k.startswith("lora_unet_") for k in tensors)
+    assert tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha"].item() == 8.0
+    assert any(tensors[k.replace("lora_down", "lora_up")].abs().sum() > 0 for k in down), "adapter did not train"
+    with safe_open(adapter, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["lora_cli.algorithm"] == "lora" and meta["lora_cli.rank"] == "4" and meta["lora_cli.alpha"] == "8.0"
+    assert meta["lora_cli.step"] == "4" and len(meta["lora_cli.base_fingerprint"]) == 64
+    assert len(meta["lora_cli.dataset_fingerprint"]) == 64
+    assert json.loads(meta["lora_cli.preset"])["train"]["learning_rate"] == 1e-3
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in json.loads(meta["lora_cli.targets"])["unet"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert all(set(line) >= {"loss", "lr", "grad_norm"} for line in lines)
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000.png", "step-000004.png"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert not list(run.rglob("*.tmp")), "temporary files left behind"
+
+    # The kohya-format file is read by diffusers' own loader and changes what the pipeline draws.
+    pipe = load_pipeline(tiny_sd)
+    before = draw(pipe)
+    pipe.load_lora_weights(str(adapter))
+    after = draw(pipe)
+    assert (after - before).abs().max() > 1e-4
+
+    # A second run into the same folder is refused instead of overwriting it.
+    again = run_cli(str(preset), "--no-progress")
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
+
+
+def test_diffusers_format_matches_kohya_format_in_diffusers_loader(write_preset, tmp_path: Path, tiny_sd: Path) -> None:
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+    from rich.console import Console
+
+    console = Console(quiet=True)
+    kohya = train(load_preset(write_preset(), []), console, show_progress=False)
+    diffusers_file = train(
+        load_preset(write_preset(), ["output.format=diffusers", f"output.dir={tmp_path / 'run2'}"]),
+        console,
+        show_progress=False,
+    )
+    keys = load_file(diffusers_file)
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    images = []
+    for file in (kohya, diffusers_file):
+        pipe = load_pipeline(tiny_sd)
+        pipe.load_lora_weights(str(file))
+        images.append(draw(pipe))
+    # Same seed, same training: identical weights, and alpha (8) != rank (4) survives both layouts.
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-6)
+
+
+def test_resumed_run_ends_with_the_same_adapter(write_preset, tmp_path: Path) -> None:
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+    from rich.console import Console
+
+    console = Console(quiet=True)
+    overrides = ["train.steps=6", "output.save_every=3", "data.caption_dropout=0.3", "adapter.dropout=0.1",
+                 "train.scheduler=cosine", "train.warmup_steps=1", "train.gradient_accumulation=2"]
+    full = train(load_preset(write_preset(), overrides), console, show_progress=False)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
+
+    resumed_dir = tmp_path / "resumed"
+    resumed = train(
+        load_preset(write_preset(), [*overrides, f"output.dir={resumed_dir}"]),
+        console,
+        resume_from=checkpoint,
+        show_progress=False,
+    )
+    first, second = load_file(full), load_file(resumed)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    # The resumed run's log starts at the checkpoint.
+    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 5, 6]
+
+
+def test_resume_latest_after_interruption_continues_in_place(write_preset, tmp_path: Path) -> None:
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+    from rich.console import Console
+
+    console = Console(quiet=True)
+    preset_path = write_preset(train={"steps": 4}, output={"dir": str(tmp_path / "run"), "save_every": 2})
+    reference_dir = tmp_path / "reference"
+    reference = train(load_preset(preset_path, [f"output.dir={reference_dir}"]), console, show_progress=False)
+
+    train(load_preset(preset_path, []), console, show_progress=False)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-000004")  # as if killed after the step-2 checkpoint
+    (run / "lora.safetensors").unlink()
+    train(load_preset(preset_path, []), console, resume=True, show_progress=False)
+    first, second = load_file(reference), load_file(run / "lora.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_overfitting_one_batch_lowers_the_loss(write_preset, tmp_path: Path, shapes_data: Path) -> None:
+    from lora_cli.config import load_preset
+    from lora_cli.training.loop import micro_batch_loss, optimizer_step
+    from lora_cli.training.session import build_session, prepare_model, run_paths, scan_dataset
+
+    single = tmp_path / "single"
+    single.mkdir()
+    for suffix in (".png", ".txt"):
+        shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{suffix}")
+    preset = load_preset(
+        write_preset(),
+        [f"data.folder={single}", "train.batch_size=1", "train.learning_rate=5e-3",
+         "adapter.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2]", "train.steps=60"],
+    )
+    session = build_session(preset, run_paths(preset), *prepare_model(preset, scan_dataset(preset)))
+
+    def fixed_loss() -> float:
+        saved = session.generator.get_state()
+        losses = []
+        with torch.no_grad():
+            for seed in range(8):
+                session.generator.manual_seed(1000 + seed)
+                losses.append(micro_batch_loss(session, [0]).item())
+        session.generator.set_state(saved)
+        return sum(losses) / len(losses)
+
+    before = fixed_loss()
+    while session.step < session.total_steps:
+        optimizer_step(session)
+    after = fixed_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.folder=/nonexistent/images"], "dataset folder does not exist"),
+        (["model.path=/nonexistent/model"], "does not exist"),
+        (["adapter.targets=[to_qq]"], "pattern `to_qq` matches no Linear/Conv2d layer; close names: to_q"),
+        (["train.optimizer_args={foo: 1}"], "train.optimizer_args: adamw rejects them"),
+    ],
+)
+def test_bad_runs_fail_with_one_line(write_preset, overrides: list[str], message: str) -> None:
+    args = [str(write_preset())]
+    for override in overrides:
+        args += ["--set", override]
+    result = run_cli(*args, "--no-progress")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_pickle_model_and_resume_without_checkpoint_are_refused(write_preset, tmp_path: Path) -> None:
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04junk")
+    result = run_cli(str(write_preset()), "--set", f"model.path={pickle}")
+    assert result.returncode == 2 and "pickle formats are refused" in result.stderr
+    result = run_cli(str(write_preset()), "--resume")
+    assert result.returncode == 2 and "no checkpoint to resume from" in result.stderr
+
+
+def test_dry_run_reports_plan_without_writing(write_preset, tmp_path: Path) -> None:
+    result = run_cli(str(write_preset()), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "unet: 32 target modules" in result.stderr
+    assert "trainable parameters: 9,984" in result.stderr
+    assert "dataset: 6 images" in result.stderr
+    assert "learning_rate: 0.001" in result.stderr
+    assert not (tmp_path / "run").exists()
