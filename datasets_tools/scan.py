@@ -111,17 +111,35 @@ def _item(image: Path, caption_extensions: list[str], repeats: int, findings: li
                 text = candidate.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
                 findings.append(
-                    Finding("error", "caption", str(candidate), "caption is not valid UTF-8", "re-save it as UTF-8")
+                    Finding(
+                        "error",
+                        "caption",
+                        str(candidate),
+                        "caption is not valid UTF-8",
+                        "re-save it as UTF-8",
+                    )
                 )
                 text = ""
             if not text:
                 findings.append(
-                    Finding("warning", "caption", str(candidate), "caption is empty", "write a caption or delete the file")
+                    Finding(
+                        "warning",
+                        "caption",
+                        str(candidate),
+                        "caption is empty",
+                        "write a caption or delete the file",
+                    )
                 )
             return DatasetItem(image, text, candidate, repeats)
     others = [p.name for p in image.parent.glob(image.stem + ".*") if p != image and p.suffix not in IMAGE_EXTENSIONS]
     fix = f"rename {others[0]} or add its extension to data.caption_extensions" if others else "add a caption file"
     findings.append(
-        Finding("warning", "caption", str(image), f"no caption ({'/'.join(caption_extensions)}); trains with an empty one", fix)
+        Finding(
+            "warning",
+            "caption",
+            str(image),
+            f"no caption ({'/'.join(caption_extensions)}); trains with an empty one",
+            fix,
+        )
     )
     return DatasetItem(image, "", None, repeats)

@@ -48,7 +48,11 @@ def test_extends_merges_sections_and_overrides_win(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
-        (MINIMAL.replace("steps", "learning_rat: 1e-4, steps"), [], "unknown key `train.learning_rat` — did you mean `train.learning_rate`?"),
+        (
+            MINIMAL.replace("steps", "learning_rat: 1e-4, steps"),
+            [],
+            "unknown key `train.learning_rat` — did you mean `train.learning_rate`?",
+        ),
         (MINIMAL + "adaptr: {rank: 4}\n", [], "unknown key `adaptr` — did you mean `adapter`?"),
         (MINIMAL, ["adapter.rank=0"], "`adapter.rank`: input should be greater than 0 (got 0)"),
         (MINIMAL, ["train.learning_rate=-1e-4"], "`train.learning_rate`: input should be greater than 0"),
@@ -59,7 +63,11 @@ def test_extends_merges_sections_and_overrides_win(tmp_path: Path) -> None:
         ("data: {folder: x}\ntrain: {steps: 1}\n", [], "missing required key `model`"),
         (MINIMAL, ["version=9"], "preset version 9 is newer than this lora-cli understands"),
         (MINIMAL, ["train.steps"], "expected section.key=value"),
-        (MINIMAL + "cache: {text_embeddings: true}\nadapter: {text_encoder: true}\n", [], "cannot be used with"),
+        (
+            MINIMAL + "cache: {text_embeddings: true}\nadapter: {text_encoder: true}\n",
+            [],
+            "cannot be used with",
+        ),
         ("model: [1, 2\n", [], "invalid YAML (line"),
     ],
 )

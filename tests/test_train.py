@@ -23,13 +23,22 @@ def load_pipeline(folder: Path):
 
 
 def draw(pipe) -> torch.Tensor:
-    out = pipe("a yellow star", num_inference_steps=3, height=64, width=64, output_type="pt",
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a yellow star",
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
     return out.images
 
 
 def test_lora_train_writes_adapter_metadata_logs_and_previews(write_preset, tmp_path: Path, tiny_sd: Path) -> None:
-    preset = write_preset(sample={"prompts": ["a yellow star"], "steps": 2}, output={"dir": str(tmp_path / "run"), "save_every": 2})
+    preset = write_preset(
+        sample={"prompts": ["a yellow star"], "steps": 2},
+        output={"dir": str(tmp_path / "run"), "save_every": 2},
+    )
     result = run_cli(str(preset), "--no-progress")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
@@ -67,9 +76,10 @@ def test_lora_train_writes_adapter_metadata_logs_and_previews(write_preset, tmp_
 
 
 def test_diffusers_format_matches_kohya_format_in_diffusers_loader(write_preset, tmp_path: Path, tiny_sd: Path) -> None:
+    from rich.console import Console
+
     from lora_cli.config import load_preset
     from lora_cli.training.run import train
-    from rich.console import Console
 
     console = Console(quiet=True)
     kohya = train(load_preset(write_preset(), []), console, show_progress=False)
@@ -90,13 +100,21 @@ def test_diffusers_format_matches_kohya_format_in_diffusers_loader(write_preset,
 
 
 def test_resumed_run_ends_with_the_same_adapter(write_preset, tmp_path: Path) -> None:
-    from lora_cli.config import load_preset
-    from lora_cli.training.run import train
     from rich.console import Console
 
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+
     console = Console(quiet=True)
-    overrides = ["train.steps=6", "output.save_every=3", "data.caption_dropout=0.3", "adapter.dropout=0.1",
-                 "train.scheduler=cosine", "train.warmup_steps=1", "train.gradient_accumulation=2"]
+    overrides = [
+        "train.steps=6",
+        "output.save_every=3",
+        "data.caption_dropout=0.3",
+        "adapter.dropout=0.1",
+        "train.scheduler=cosine",
+        "train.warmup_steps=1",
+        "train.gradient_accumulation=2",
+    ]
     full = train(load_preset(write_preset(), overrides), console, show_progress=False)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
 
@@ -117,9 +135,10 @@ def test_resumed_run_ends_with_the_same_adapter(write_preset, tmp_path: Path) ->
 
 
 def test_resume_latest_after_interruption_continues_in_place(write_preset, tmp_path: Path) -> None:
+    from rich.console import Console
+
     from lora_cli.config import load_preset
     from lora_cli.training.run import train
-    from rich.console import Console
 
     console = Console(quiet=True)
     preset_path = write_preset(train={"steps": 4}, output={"dir": str(tmp_path / "run"), "save_every": 2})
@@ -146,8 +165,13 @@ def test_overfitting_one_batch_lowers_the_loss(write_preset, tmp_path: Path, sha
         shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{suffix}")
     preset = load_preset(
         write_preset(),
-        [f"data.folder={single}", "train.batch_size=1", "train.learning_rate=5e-3",
-         "adapter.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2]", "train.steps=60"],
+        [
+            f"data.folder={single}",
+            "train.batch_size=1",
+            "train.learning_rate=5e-3",
+            "adapter.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2]",
+            "train.steps=60",
+        ],
     )
     session = build_session(preset, run_paths(preset), *prepare_model(preset, scan_dataset(preset)))
 

@@ -87,7 +87,7 @@ def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> Inje
         where = "adapter.targets" if component == architecture.denoiser_name else "adapter.text_encoder_targets"
         targets[component] = resolve_targets(model, patterns, f"{where} ({component})")
         inject_adapter_in_model(algorithm.peft_config(section, targets[component]), model)
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
     adapter = InjectedAdapter(algorithm, section, {c: components[c] for c in plan}, targets)

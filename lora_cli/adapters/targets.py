@@ -32,7 +32,9 @@ def resolve_targets(model: nn.Module, patterns: Iterable[str], where: str) -> li
     for pattern in patterns:
         hits = [name for name in candidates if pattern_matches(pattern, name)]
         if not hits:
-            raise AdapterError(f"{where}: pattern `{pattern}` matches no Linear/Conv2d layer{_close(pattern, candidates)}")
+            raise AdapterError(
+                f"{where}: pattern `{pattern}` matches no Linear/Conv2d layer{_close(pattern, candidates)}"
+            )
         matched.update(dict.fromkeys(hits))
     return list(matched)
 

@@ -18,11 +18,13 @@ def train(
     preset: Annotated[Path, typer.Argument(help="Preset YAML file.", show_default=False)],
     overrides: Overrides = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the resolved preset, targets, parameters and data; do not train.")
+        bool,
+        typer.Option("--dry-run", help="Print the resolved preset, targets, parameters and data; do not train."),
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint.")] = False,
     resume_from: Annotated[
-        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.", metavar="CHECKPOINT")
+        Path | None,
+        typer.Option("--resume-from", help="Continue from this checkpoint folder.", metavar="CHECKPOINT"),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the results of an earlier run in output.dir.")
@@ -53,10 +55,12 @@ def train(
 
 def _quiet_libraries() -> None:
     """Silence load-time chatter of diffusers/transformers (progress bars, deprecation notes)."""
+    import logging
     import os
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
     warnings.filterwarnings("ignore", category=FutureWarning)
     import diffusers
     import transformers

@@ -6,6 +6,7 @@ Errors come out as one-line `PresetError`s that name the file, the key and the f
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
         value = Path(values[key]).expanduser()
         candidate = value if value.is_absolute() else folder / value
         if dotted in FILE_RELATIVE_KEYS or candidate.exists() or values[key].startswith((".", "/", "~")):
-            values[key] = str(candidate)
+            values[key] = os.path.normpath(candidate)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,8 @@ class ModelSection(Section):
         "configs (needed offline, where diffusers cannot look them up).",
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Storage dtype of the frozen base weights. Adapter weights always train in float32."
+        "float32",
+        description="Storage dtype of the frozen base weights. Adapter weights always train in float32.",
     )
 
 
@@ -39,7 +40,9 @@ class AdapterSection(Section):
     type: Literal["lora"] = Field("lora", description="Adapter algorithm.")
     rank: int = Field(4, gt=0, description="Rank (dimension) of the low-rank update.")
     alpha: float | None = Field(
-        None, gt=0, description="Scale numerator: the update is multiplied by alpha / rank. Defaults to `rank` (scale 1)."
+        None,
+        gt=0,
+        description="Scale numerator: the update is multiplied by alpha / rank. Defaults to `rank` (scale 1).",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
     targets: list[str] | None = Field(
@@ -49,7 +52,8 @@ class AdapterSection(Section):
     )
     text_encoder: bool = Field(False, description="Also train an adapter on the text encoder(s).")
     text_encoder_targets: list[str] | None = Field(
-        None, description="Module-name patterns for the text encoder. Defaults to attention and MLP projections."
+        None,
+        description="Module-name patterns for the text encoder. Defaults to attention and MLP projections.",
     )
 
     @property
@@ -65,7 +69,10 @@ class DataSection(Section):
     )
     repeats: int = Field(1, ge=1, description="How many times each image appears per epoch.")
     caption_dropout: float = Field(
-        0.0, ge=0, le=1, description="Probability of training on an empty caption (keeps the unconditional branch)."
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability of training on an empty caption (keeps the unconditional branch).",
     )
     shuffle: bool = Field(True, description="Shuffle the image order every epoch (seeded).")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
@@ -81,9 +88,9 @@ class TrainSection(Section):
     text_encoder_learning_rate: float | None = Field(
         None, gt=0, description="Learning rate for the text-encoder adapter. Defaults to `learning_rate`."
     )
-    scheduler: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = Field("constant", description="Learning-rate schedule.")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = (
+        Field("constant", description="Learning-rate schedule.")
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps at the start of the schedule.")
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
         "adamw",
@@ -99,9 +106,13 @@ class TrainSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision for the forward pass.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     min_snr_gamma: float | None = Field(
-        None, gt=0, description="Min-SNR loss weighting (Hang et al. 2023); 5 is the usual value. null disables."
+        None,
+        gt=0,
+        description="Min-SNR loss weighting (Hang et al. 2023); 5 is the usual value. null disables.",
     )
-    noise_offset: float = Field(0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images).")
+    noise_offset: float = Field(
+        0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images)."
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
@@ -119,7 +130,8 @@ class TrainSection(Section):
 class CacheSection(Section):
     latents: bool = Field(False, description="Encode images once to disk (under `output.dir/cache`) and free the VAE.")
     text_embeddings: bool = Field(
-        False, description="Encode captions once to disk and free the text encoder (not with a text-encoder adapter)."
+        False,
+        description="Encode captions once to disk and free the text encoder (not with a text-encoder adapter).",
     )
 
 
@@ -136,7 +148,9 @@ class OutputSection(Section):
 
 class SampleSection(Section):
     prompts: list[str] = Field([], description="Prompts for preview images.")
-    every: int | None = Field(None, gt=0, description="Draw previews every N steps (and at the end) when prompts are set.")
+    every: int | None = Field(
+        None, gt=0, description="Draw previews every N steps (and at the end) when prompts are set."
+    )
     steps: int = Field(25, gt=0, description="Denoising steps per preview.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     negative_prompt: str = Field("", description="Negative prompt for previews.")

@@ -25,9 +25,7 @@ def to_kohya(tensors: AdapterTensors, prefixes: dict[str, str]) -> dict[str, tor
     return flat
 
 
-def from_kohya(
-    flat: dict[str, torch.Tensor], module_index: dict[str, ModuleKey], source: str
-) -> AdapterTensors:
+def from_kohya(flat: dict[str, torch.Tensor], module_index: dict[str, ModuleKey], source: str) -> AdapterTensors:
     """Inverse of `to_kohya`, given `{kohya_stem: (component, module)}` built from the base's layers."""
     tensors: AdapterTensors = {}
     unmatched = []

@@ -11,7 +11,6 @@ from lora_cli.models.stable_diffusion import StableDiffusion
 ARCHITECTURES: tuple[Architecture, ...] = (StableDiffusion(),)
 
 
-
 def load_base(spec: ModelSection) -> LoadedBase:
     """Load the base named by the preset's `model` section, frozen, in its storage dtype."""
     import torch
@@ -21,7 +20,9 @@ def load_base(spec: ModelSection) -> LoadedBase:
     architecture = next((arch for arch in ARCHITECTURES if arch.matches(class_name)), None)
     if architecture is None:
         supported = ", ".join(arch.name for arch in ARCHITECTURES)
-        raise ModelLoadError(f"model.path: {spec.path} is a {class_name}, which lora-cli cannot train yet ({supported})")
+        raise ModelLoadError(
+            f"model.path: {spec.path} is a {class_name}, which lora-cli cannot train yet ({supported})"
+        )
     try:
         base = architecture.load(spec, location, getattr(torch, spec.dtype))
     except (OSError, ValueError, KeyError) as exc:

@@ -15,9 +15,14 @@ def local_location(spec: ModelSection) -> Path | None:
     path = Path(spec.path).expanduser()
     if path.exists():
         return path
-    looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+    looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in (
+        ".safetensors",
+        *PICKLE_SUFFIXES,
+    )
     if looks_local or spec.path.count("/") != 1:
-        raise ModelLoadError(f"model.path: {spec.path} does not exist; give a diffusers folder, a .safetensors file or a hub id")
+        raise ModelLoadError(
+            f"model.path: {spec.path} does not exist; give a diffusers folder, a .safetensors file or a hub id"
+        )
     return None
 
 
@@ -26,7 +31,8 @@ def pipeline_class_name(spec: ModelSection, location: Path | None) -> str:
     if location is not None and location.is_file():
         if location.suffix.lower() != ".safetensors":
             raise ModelLoadError(
-                f"model.path: {location} is not a .safetensors checkpoint; pickle formats are refused (they can run code)"
+                f"model.path: {location} is not a .safetensors checkpoint; "
+                "pickle formats are refused (they can run code)"
             )
         return "StableDiffusionPipeline"
     if location is not None:

@@ -53,7 +53,10 @@ class StableDiffusion:
             text_encoders={"text_encoder": pipe.text_encoder},
             tokenizers={"text_encoder": pipe.tokenizer},
             noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            pipeline_extras={"scheduler": pipe.scheduler, "vae_scaling_factor": pipe.vae.config.scaling_factor},
+            pipeline_extras={
+                "scheduler": pipe.scheduler,
+                "vae_scaling_factor": pipe.vae.config.scaling_factor,
+            },
         )
 
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -80,11 +83,13 @@ class StableDiffusion:
         return (mean + std * noise) * scaling
 
     def predict(
-        self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict
+        self,
+        denoiser: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict,
     ) -> torch.Tensor:
-        return denoiser(
-            noisy_latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"]
-        ).sample
+        return denoiser(noisy_latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"]).sample
 
     def build_pipeline(self, base: LoadedBase) -> Any:
         from diffusers import StableDiffusionPipeline

@@ -36,7 +36,10 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float)
         # The classic parametric heart curve, normalised to unit size.
         ts = [2 * math.pi * i / 48 for i in range(48)]
         points = [
-            (16 * math.sin(t) ** 3 / 17, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17)
+            (
+                16 * math.sin(t) ** 3 / 17,
+                -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17,
+            )
             for t in ts
         ]
     else:

@@ -15,7 +15,11 @@ VOCAB_WORDS = ("a", "an", "photo", "of", "sks", *COLOURS, *SHAPES)
 
 def _byte_level_alphabet() -> list[str]:
     """The 256 printable characters byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 

@@ -45,7 +45,9 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
     if not checkpoints.is_dir():
         return []
-    found = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    found = [
+        p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 

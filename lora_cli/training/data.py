@@ -57,9 +57,7 @@ def load_pixels(path: object, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def epoch_batches(
-    data: TrainingData, batch_size: int, seed: int, epoch: int, shuffle: bool
-) -> list[list[int]]:
+def epoch_batches(data: TrainingData, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
     """The epoch's batches of entry positions: each within one bucket, order a pure function of (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     by_bucket: dict[tuple[int, int], list[int]] = {}

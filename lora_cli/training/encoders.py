@@ -61,7 +61,7 @@ class BatchEncoder:
 
     def _cache_latents(self, store: EncodingCache) -> None:
         pending = []
-        for index, (item, digest) in enumerate(zip(self.data.items, self.data.digests, strict=True)):
+        for index, digest in enumerate(self.data.digests):
             width, height = self.data.buckets[index]
             key = store.key(digest, f"{width}x{height}")
             cached = store.get(key)

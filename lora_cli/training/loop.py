@@ -40,7 +40,9 @@ def micro_batch_loss(session: TrainingSession, item_indices: list[int]) -> torch
     # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch).
     data = preset.data
     captions = [
-        prepare_caption(session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, generator)
+        prepare_caption(
+            session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, generator
+        )
         for i in item_indices
     ]
     conditioning = session.encoder.conditioning(captions)

@@ -19,7 +19,11 @@ def sample_noise(shape: tuple[int, ...], offset: float, generator: torch.Generat
 
 
 def prediction_target(
-    prediction_type: str, scheduler: object, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    prediction_type: str,
+    scheduler: object,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
 ) -> torch.Tensor:
     """What the denoiser should output for the scheduler's prediction type."""
     if prediction_type == "epsilon":

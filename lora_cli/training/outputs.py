@@ -53,7 +53,14 @@ class RunPaths:
 
     def results(self) -> list[Path]:
         """What a finished or interrupted run leaves behind (the cache is content-keyed and always reusable)."""
-        candidates = [self.adapter, self.checkpoints, self.metrics, self.loss_plot, self.samples, self.tensorboard]
+        candidates = [
+            self.adapter,
+            self.checkpoints,
+            self.metrics,
+            self.loss_plot,
+            self.samples,
+            self.tensorboard,
+        ]
         return [path for path in candidates if path.exists()]
 
 
