@@ -9,11 +9,12 @@ from lora_cli.adapters.registry import get_algorithm
 from lora_cli.errors import AdapterError
 from lora_cli.io.adapter_file import read_adapter, save_adapter
 from lora_cli.io.keys import from_kohya, kohya_module_index, to_kohya
+from lora_cli.models.stable_diffusion import StableDiffusion
 
-PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+PREFIXES = StableDiffusion.kohya_table
 MODULES = {
     "unet": ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.resnets.0.conv1"],
-    "text_encoder": ["text_model.encoder.layers.0.self_attn.q_proj"],
+    "text_encoder": ["encoder.layers.0.self_attn.q_proj"],  # transformers 5 CLIP: no `text_model.` level
 }
 
 

@@ -114,6 +114,8 @@ def test_resumed_run_ends_with_the_same_adapter(write_preset, tmp_path: Path) ->
         "train.scheduler=cosine",
         "train.warmup_steps=1",
         "train.gradient_accumulation=2",
+        "train.min_snr_gamma=5",
+        "train.noise_offset=0.05",
     ]
     full = train(load_preset(write_preset(), overrides), console, show_progress=False)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
@@ -229,3 +231,55 @@ def test_dry_run_reports_plan_without_writing(write_preset, tmp_path: Path) -> N
     assert "dataset: 6 images" in result.stderr
     assert "learning_rate: 0.001" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "prodigy"])
+def test_every_optimizer_trains_and_resumes_exactly(write_preset, tmp_path: Path, optimizer: str) -> None:
+    from rich.console import Console
+
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+
+    console = Console(quiet=True)
+    lr = "1.0" if optimizer == "prodigy" else "1e-3"
+    overrides = [f"train.optimizer={optimizer}", f"train.learning_rate={lr}", "train.steps=4", "output.save_every=2"]
+    full = train(load_preset(write_preset(), overrides), console, show_progress=False)
+    resumed = train(
+        load_preset(write_preset(), [*overrides, f"output.dir={tmp_path / 'resumed'}"]),
+        console,
+        resume_from=tmp_path / "run" / "checkpoints" / "step-000002",
+        show_progress=False,
+    )
+    first, second = load_file(full), load_file(resumed)
+    assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_up" in k)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_caches_tensorboard_and_text_encoder_adapter(write_preset, tmp_path: Path, tiny_sd: Path) -> None:
+    from rich.console import Console
+
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+
+    console = Console(quiet=True)
+    cached = load_preset(
+        write_preset(), ["cache.latents=true", "cache.text_embeddings=true", "logging.tensorboard=true"]
+    )
+    train(cached, console, show_progress=False)
+    run = tmp_path / "run"
+    assert len(list((run / "cache" / "latents").rglob("*.safetensors"))) == 6
+    assert len(list((run / "cache" / "text").rglob("*.safetensors"))) == 3  # two captions + the empty one
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The cache is reused by the next run (entries are keyed by content), so the VAE is not needed again.
+    before = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")}
+    train(cached, console, overwrite=True, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")} == before
+
+    with_text = load_preset(write_preset(), ["adapter.text_encoder=true", f"output.dir={tmp_path / 'te'}"])
+    adapter = load_file(train(with_text, console, show_progress=False))
+    te_keys = [k for k in adapter if k.startswith("lora_te_text_model_encoder_layers_")]
+    assert len([k for k in te_keys if k.endswith("lora_down.weight")]) == 12  # 2 layers x (q,k,v,out,fc1,fc2)
+    pipe = load_pipeline(tiny_sd)
+    pipe.load_lora_weights(str(tmp_path / "te" / "lora.safetensors"))
+    assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())

@@ -8,7 +8,15 @@ from typing import Literal
 
 from lora_cli.adapters.registry import AdapterAlgorithm
 from lora_cli.errors import AdapterError
-from lora_cli.io.keys import AdapterTensors, ModuleKey, from_diffusers, from_kohya, to_diffusers, to_kohya
+from lora_cli.io.keys import (
+    AdapterTensors,
+    KohyaTable,
+    ModuleKey,
+    from_diffusers,
+    from_kohya,
+    to_diffusers,
+    to_kohya,
+)
 from lora_cli.io.safetensors_file import load_tensors, save_tensors
 
 FileFormat = Literal["kohya", "diffusers"]
@@ -20,13 +28,13 @@ def save_adapter(
     tensors: AdapterTensors,
     algorithm: AdapterAlgorithm,
     file_format: FileFormat,
-    kohya_prefixes: dict[str, str],
+    kohya_table: KohyaTable,
     metadata: dict[str, str],
 ) -> None:
     """Write the adapter atomically in the requested key layout, with `metadata` in the header."""
     metadata = {**metadata, "lora_cli.format": file_format}
     if file_format == "kohya":
-        flat = to_kohya(tensors, kohya_prefixes)
+        flat = to_kohya(tensors, kohya_table)
     else:
         peft_names = {file: peft for peft, file in algorithm.tensor_names.items()}
         flat = to_diffusers(tensors, peft_names)

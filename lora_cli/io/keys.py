@@ -7,6 +7,8 @@ or collisions, so a format mismatch is an error instead of a silently partial ad
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lora_cli.errors import AdapterError
@@ -15,11 +17,26 @@ ModuleKey = tuple[str, str]
 AdapterTensors = dict[ModuleKey, dict[str, torch.Tensor]]
 
 
-def to_kohya(tensors: AdapterTensors, prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class KohyaComponent:
+    """How kohya spells one component's module names: a prefix, then the dotted path with `_` for `.`."""
+
+    prefix: str
+    # A leading module-path part the prefix already spells (transformers 5 CLIP has no `text_model.` level).
+    drop: str = ""
+
+    def stem(self, module: str) -> str:
+        return self.prefix + module.removeprefix(self.drop).replace(".", "_")
+
+
+KohyaTable = dict[str, KohyaComponent]
+
+
+def to_kohya(tensors: AdapterTensors, table: KohyaTable) -> dict[str, torch.Tensor]:
     """`lora_unet_down_blocks_0_..._to_q.lora_down.weight` style keys (A1111, ComfyUI, kohya)."""
     flat: dict[str, torch.Tensor] = {}
     for (component, module), named in tensors.items():
-        stem = f"{prefixes[component]}_{module.replace('.', '_')}"
+        stem = table[component].stem(module)
         for name, value in named.items():
             _put(flat, f"{stem}.{name}", value)
     return flat
@@ -45,13 +62,11 @@ def from_kohya(flat: dict[str, torch.Tensor], module_index: dict[str, ModuleKey]
     return tensors
 
 
-def kohya_module_index(modules: dict[str, list[str]], prefixes: dict[str, str]) -> dict[str, ModuleKey]:
+def kohya_module_index(modules: dict[str, list[str]], table: KohyaTable) -> dict[str, ModuleKey]:
     """`{kohya_stem: (component, module)}` for every candidate module of every component."""
-    index: dict[str, ModuleKey] = {}
-    for component, names in modules.items():
-        for module in names:
-            index[f"{prefixes[component]}_{module.replace('.', '_')}"] = (component, module)
-    return index
+    return {
+        table[component].stem(module): (component, module) for component, names in modules.items() for module in names
+    }
 
 
 def to_diffusers(tensors: AdapterTensors, peft_names: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lora_cli.config.schema import ModelSection
+    from lora_cli.io.keys import KohyaTable
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Architecture(Protocol):
     denoiser_name: str
     default_targets: tuple[str, ...]
     default_text_encoder_targets: tuple[str, ...]
-    kohya_prefixes: dict[str, str]
+    kohya_table: KohyaTable
 
     def matches(self, pipeline_class: str) -> bool: ...
 

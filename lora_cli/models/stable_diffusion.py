@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import BaseIdentity, LoadedBase
 from lora_cli.models.source import weight_fingerprint
 
@@ -21,7 +22,10 @@ class StableDiffusion:
     default_targets = ("to_q", "to_k", "to_v", "to_out.0")
     # kohya's default text-encoder targets: attention and MLP projections.
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    kohya_table = {
+        "unet": KohyaComponent("lora_unet_"),
+        "text_encoder": KohyaComponent("lora_te_text_model_", drop="text_model."),
+    }
 
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}

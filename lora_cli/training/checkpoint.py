@@ -77,40 +77,52 @@ def prune_checkpoints(checkpoints: Path, keep: int) -> None:
 def _flatten(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {"rng.generator": state.generator, "rng.torch": state.torch_rng}
     tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(state.cuda_rng)})
-    scalars: dict[str, dict[str, Any]] = {}
-    for param_id, values in state.optimizer["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{param_id}.{name}"] = value
-            else:
-                scalars.setdefault(str(param_id), {})[name] = value
     metadata = {
         "step": str(state.step),
         "micro_step": str(state.micro_step),
-        "optimizer.param_groups": json.dumps(state.optimizer["param_groups"]),
-        "optimizer.scalars": json.dumps(scalars),
-        "scheduler": json.dumps(state.scheduler),
+        "optimizer": json.dumps(_encode(state.optimizer, "optimizer", tensors)),
+        "scheduler": json.dumps(_encode(state.scheduler, "scheduler", tensors)),
         "preset": json.dumps(state.preset),
     }
     return tensors, metadata
 
 
 def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> TrainingState:
-    optimizer_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, param_id, name = key.split(".", 2)
-            optimizer_state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in json.loads(metadata["optimizer.scalars"]).items():
-        optimizer_state.setdefault(int(param_id), {}).update(values)
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     return TrainingState(
         step=int(metadata["step"]),
         micro_step=int(metadata["micro_step"]),
-        optimizer={"state": optimizer_state, "param_groups": json.loads(metadata["optimizer.param_groups"])},
-        scheduler=json.loads(metadata["scheduler"]),
+        optimizer=_decode(json.loads(metadata["optimizer"]), tensors),
+        scheduler=_decode(json.loads(metadata["scheduler"]), tensors),
         generator=tensors["rng.generator"],
         torch_rng=tensors["rng.torch"],
         cuda_rng=[tensors[k] for k in cuda],
         preset=json.loads(metadata["preset"]),
     )
+
+
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A state dict as JSON with tensors moved to `tensors`; int keys and tuples survive the trip."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+        return {"tensor": path}
+    if isinstance(value, dict):
+        return {"dict": [[key, _encode(item, f"{path}.{key}", tensors)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return {kind: [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise CheckpointError(f"cannot store optimizer/scheduler state of type {type(value).__name__} at {path}")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(value, dict):
+        return value
+    ((kind, content),) = value.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {key: _decode(item, tensors) for key, item in content}
+    items = [_decode(item, tensors) for item in content]
+    return tuple(items) if kind == "tuple" else items

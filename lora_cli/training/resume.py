@@ -23,7 +23,7 @@ FROZEN_SECTIONS = ("model", "adapter", "data")
 
 
 def write_checkpoint(session: TrainingSession) -> Path:
-    prefixes = session.base.architecture.kohya_prefixes
+    table = session.base.architecture.kohya_table
     state = TrainingState(
         step=session.step,
         micro_step=session.micro_step,
@@ -35,7 +35,7 @@ def write_checkpoint(session: TrainingSession) -> Path:
         preset=session.preset.model_dump(mode="json"),
     )
     folder = checkpoint_dir(session.paths.checkpoints, session.step)
-    save_checkpoint(folder, to_kohya(session.adapter.tensors(), prefixes), state)
+    save_checkpoint(folder, to_kohya(session.adapter.tensors(), table), state)
     prune_checkpoints(session.paths.checkpoints, session.preset.output.keep_last)
     return folder
 
@@ -64,8 +64,8 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
                 f"{folder}: the checkpoint was trained with different `{section}` settings "
                 f"({', '.join(f'{section}.{k}' for k in changed)}); restore them or start a new run"
             )
-    prefixes = session.base.architecture.kohya_prefixes
-    index = kohya_module_index(session.adapter.targets, prefixes)
+    table = session.base.architecture.kohya_table
+    index = kohya_module_index(session.adapter.targets, table)
     session.adapter.load_tensors(from_kohya(adapter_flat, index, str(folder)), str(folder))
     session.optimizer.load_state_dict(state.optimizer)
     session.scheduler.load_state_dict(state.scheduler)

@@ -64,7 +64,7 @@ def _write_adapter(session: TrainingSession) -> None:
         session.adapter.tensors(),
         session.adapter.algorithm,
         preset.output.format,
-        session.base.architecture.kohya_prefixes,
+        session.base.architecture.kohya_table,
         metadata,
     )
 
