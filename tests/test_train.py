@@ -283,3 +283,28 @@ def test_caches_tensorboard_and_text_encoder_adapter(write_preset, tmp_path: Pat
     pipe = load_pipeline(tiny_sd)
     pipe.load_lora_weights(str(tmp_path / "te" / "lora.safetensors"))
     assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())
+
+
+def test_epochs_bf16_autocast_and_divergence(write_preset, tmp_path: Path) -> None:
+    from lora_cli.config import load_preset
+    from lora_cli.training.session import build_session, prepare_model, run_paths, scan_dataset
+
+    # 6 images, repeats 2, batch 4 -> 3 batches per epoch; accumulation 2 -> 2 steps per epoch.
+    preset = load_preset(
+        write_preset(),
+        ["train.steps=null", "train.epochs=3", "data.repeats=2", "train.batch_size=4", "train.gradient_accumulation=2"],
+    )
+    session = build_session(preset, run_paths(preset), *prepare_model(preset, scan_dataset(preset)))
+    assert (session.batches_per_epoch, session.total_steps) == (3, 6)
+
+    bf16 = run_cli(str(write_preset()), "--set", "train.mixed_precision=bf16", "--no-progress")
+    assert bf16.returncode == 0, bf16.stderr
+
+    diverging = run_cli(
+        str(write_preset()),
+        *("--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=null", "--set", "train.steps=20"),
+        *("--set", f"output.dir={tmp_path / 'diverged'}", "--no-progress"),
+    )
+    assert diverging.returncode == 3, diverging.stderr
+    assert "became" in diverging.stderr and "lower train.learning_rate" in diverging.stderr
+    assert not (tmp_path / "diverged" / "lora.safetensors").exists()
