@@ -3,14 +3,15 @@
 Measured from outside the trainer, each run in a fresh subprocess with OMP_NUM_THREADS=1:
 
 - CPU-s/step: (user + system CPU of a long run - that of a short run) / (step difference), so start-up,
-  model loading, caching and saving cancel out;
+  model loading, caching and saving cancel out (start-up CPU varies by ~0.5 s between runs, so the long
+  run needs a few hundred steps for a per-step figure good to a few ms);
 - time to first step: wall seconds from starting the process until `metrics.jsonl` gets its first line
   (written right after the first optimizer step), the lower of the two runs;
 - peak RSS: the larger `ru_maxrss` of the two runs (from `os.wait4`, so it covers only that child).
 
 Both with and without `cache.latents` + `cache.text_embeddings`. Everything happens in a temporary folder.
 
-Run: `python benchmarks/train_speed.py [--short 10] [--long 60] [--json numbers.json]`
+Run: `python benchmarks/train_speed.py [--short 20] [--long 300] [--json numbers.json]` (about a minute)
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def report(results: list[Result]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--short", type=int, default=10, help="steps of the short run (default 10)")
-    parser.add_argument("--long", type=int, default=60, help="steps of the long run (default 60)")
+    parser.add_argument("--short", type=int, default=20, help="steps of the short run (default 20)")
+    parser.add_argument("--long", type=int, default=300, help="steps of the long run (default 300)")
     parser.add_argument("--images", type=int, default=8, help="training images (default 8)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args()

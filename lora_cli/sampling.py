@@ -1,4 +1,4 @@
-"""Preview images from a pipeline with fixed seeds, and labelled grids of them."""
+"""Images from a pipeline with fixed seeds, and labelled grids of them."""
 
 from __future__ import annotations
 
@@ -6,38 +6,47 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+BATCH = 16
+MIN_CELL = 96
+
 
 def generate_images(
     pipeline: Any,
     prompts: list[str],
-    seed: int,
+    seeds: list[int],
     steps: int,
     guidance_scale: float,
     negative_prompt: str,
     size: int,
 ) -> list[Image.Image]:
-    """One image per prompt; image i uses seed `seed + i`, so the same call always draws the same images."""
+    """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
-    images = []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator().manual_seed(seed + index)
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), BATCH):
+        chunk = prompts[start : start + BATCH]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + BATCH]]
         result = pipeline(
-            prompt,
-            negative_prompt=negative_prompt or None,
+            chunk,
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=size,
             width=size,
-            generator=generator,
+            generator=generators,
         )
-        images.append(result.images[0])
+        images += result.images
     return images
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
-    """Images in a grid with a label above each column and at the left of each row."""
+    """Images in a grid with a label above each column and at the left of each row (small images enlarged)."""
+    scale = max(1, MIN_CELL // rows[0][0].width)
+    rows = [
+        [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in row]
+        for row in rows
+    ]
     cell_w, cell_h = rows[0][0].size
     label_w = max(80, 7 * max((len(label) for label in row_labels), default=0))
     label_h = 16

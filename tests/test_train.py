@@ -59,7 +59,11 @@ def test_lora_train_writes_adapter_metadata_logs_and_previews(write_preset, tmp_
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert all(set(line) >= {"loss", "lr", "grad_norm"} for line in lines)
     assert (run / "loss.png").stat().st_size > 1000
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000.png", "step-000004.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "before-after.png",
+        "step-000000.png",
+        "step-000004.png",
+    ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert not list(run.rglob("*.tmp")), "temporary files left behind"
 

@@ -20,7 +20,7 @@ from lora_cli.errors import PresetError
 
 # Keys whose values are paths; in a preset file they are relative to that file's folder.
 # `model.path` and `model.config` may also be hub ids, so they are resolved only when they exist locally.
-FILE_RELATIVE_KEYS = ("data.folder", "output.dir")
+FILE_RELATIVE_KEYS = ("data.folder", "prior.folder", "output.dir")
 MAYBE_LOCAL_KEYS = ("model.path", "model.config")
 
 

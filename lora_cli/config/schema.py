@@ -21,7 +21,8 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str = Field(
         description="Base model: a local diffusers folder, a single-file `.safetensors` checkpoint, "
-        "or a Hugging Face hub id. Relative paths are resolved against the preset file's folder."
+        "a Hugging Face hub id, or `builtin:shapes` (the small base that ships with lora-cli). "
+        "Relative paths are resolved against the preset file's folder."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
@@ -77,6 +78,24 @@ class DataSection(Section):
     shuffle: bool = Field(True, description="Shuffle the image order every epoch (seeded).")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
     keep_tags: int = Field(0, ge=0, description="With `shuffle_tags`, how many leading tags stay in place.")
+
+
+class PriorSection(Section):
+    folder: str | None = Field(
+        None, description="Folder of class (regularisation) images with captions, trained alongside the data."
+    )
+    prompts: list[str] = Field(
+        [], description="Generate class images from the base for these prompts before training (cached)."
+    )
+    images_per_prompt: int = Field(8, gt=0, description="Images generated per prior prompt.")
+    weight: float = Field(1.0, gt=0, description="Loss weight of class images relative to the training images.")
+    steps: int = Field(25, gt=0, description="Denoising steps when generating class images.")
+    guidance_scale: float = Field(4.0, ge=0, description="Guidance scale when generating class images.")
+    seed: int = Field(1234, description="Seed of the first generated class image (the rest count up).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None or bool(self.prompts)
 
 
 class TrainSection(Section):
@@ -167,6 +186,7 @@ class Preset(Section):
     model: ModelSection
     adapter: AdapterSection = AdapterSection()
     data: DataSection
+    prior: PriorSection = PriorSection()
     train: TrainSection
     cache: CacheSection = CacheSection()
     output: OutputSection = OutputSection()

@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cli.builtin import BUILTIN_PREFIX, builtin_models, builtin_path
 from lora_cli.config.schema import ModelSection
 from lora_cli.errors import ModelLoadError
 from lora_cli.io.safetensors_file import PICKLE_SUFFIXES, header_fingerprint
 
 
 def local_location(spec: ModelSection) -> Path | None:
-    """The local file or folder named by `model.path`, or None for a hub id."""
+    """The local file or folder named by `model.path` (or `builtin:NAME`), or None for a hub id."""
+    if spec.path.startswith(BUILTIN_PREFIX):
+        name = spec.path.removeprefix(BUILTIN_PREFIX)
+        if name not in builtin_models():
+            raise ModelLoadError(
+                f"model.path: no built-in model `{name}`; available: {', '.join(builtin_models()) or 'none'}"
+            )
+        return builtin_path(name)
     path = Path(spec.path).expanduser()
     if path.exists():
         return path

@@ -77,3 +77,15 @@ def write_dataset(
             stem.with_suffix(".txt").write_text(f"a {colour} {shape}\n", encoding="utf-8")
             written.append(stem.with_suffix(".png"))
     return written
+
+
+def random_polygon(size: int, rng: random.Random) -> Image.Image:
+    """A random 3-8 sided polygon in a random colour on a random background: generic data for the VAE."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), tuple(rng.randint(0, 255) for _ in range(3)))
+    sides = rng.randint(3, 8)
+    cx, cy, radius = rng.uniform(0.3, 0.7) * big, rng.uniform(0.3, 0.7) * big, rng.uniform(0.15, 0.4) * big
+    angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(sides))
+    points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles]
+    ImageDraw.Draw(image).polygon(points, fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    return image.resize((size, size), Image.Resampling.LANCZOS)

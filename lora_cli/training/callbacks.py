@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from PIL import Image
+
 from lora_cli.io.atomic import write_text_atomic, write_with
 from lora_cli.training.session import TrainingSession
 
@@ -103,11 +105,15 @@ class TensorBoardLog:
 
 
 class Previews:
-    """Preview grids at the start (the base alone), every N steps, and at the end, with fixed seeds."""
+    """Preview grids at the start (the base alone), every N steps and at the end, with fixed seeds;
+    at the end also a before/after grid."""
+
+    def __init__(self) -> None:
+        self.before: list[Image.Image] | None = None
 
     def on_start(self, session: TrainingSession) -> None:
         if session.step == 0:
-            self._draw(session)
+            self.before = self._draw(session)
 
     def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
         every = session.preset.sample.every
@@ -115,10 +121,17 @@ class Previews:
             self._draw(session)
 
     def on_end(self, session: TrainingSession, completed: bool) -> None:
-        if completed:
-            self._draw(session)
+        if not completed:
+            return
+        after = self._draw(session)
+        if self.before is not None:
+            from lora_cli.sampling import image_grid
 
-    def _draw(self, session: TrainingSession) -> None:
+            rows = [[b, a] for b, a in zip(self.before, after, strict=True)]
+            grid = image_grid(rows, session.preset.sample.prompts, ["before", f"after {session.step}"])
+            write_with(session.paths.samples / "before-after.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+    def _draw(self, session: TrainingSession) -> list[Image.Image]:
         from lora_cli.sampling import generate_images, image_grid
 
         sample = session.preset.sample
@@ -129,7 +142,7 @@ class Previews:
         images = generate_images(
             pipeline,
             sample.prompts,
-            sample.seed,
+            [sample.seed + i for i in range(len(sample.prompts))],
             sample.steps,
             sample.guidance_scale,
             sample.negative_prompt,
@@ -139,6 +152,7 @@ class Previews:
         grid = image_grid([[image] for image in images], sample.prompts, [f"step {session.step}"])
         out = session.paths.samples / f"step-{session.step:06d}.png"
         write_with(out, lambda tmp: grid.save(tmp, format="PNG"))
+        return images
 
 
 class Checkpoints:

@@ -17,20 +17,32 @@ from datasets_tools.scan import DatasetItem, dataset_fingerprint, file_digest
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The dataset as the trainer sees it: items, their content digests, and one entry per repeat."""
+    """The dataset as the trainer sees it: items (training images, then prior/class images), their content
+    digests, loss weights and buckets, and one entry per repeat."""
 
     items: list[DatasetItem]
     digests: list[str]
+    weights: list[float]
     entries: list[int]
     buckets: list[tuple[int, int]]
     fingerprint: str
 
     @classmethod
-    def build(cls, items: list[DatasetItem], resolution: int, repeats: int) -> TrainingData:
-        digests = [file_digest(item.image) for item in items]
-        entries = [index for index, item in enumerate(items) for _ in range(item.repeats * repeats)]
-        buckets = [bucket_size(item, resolution) for item in items]
-        return cls(items, digests, entries, buckets, dataset_fingerprint(items, digests))
+    def build(
+        cls,
+        items: list[DatasetItem],
+        resolution: int,
+        repeats: int,
+        prior_items: list[DatasetItem] = (),
+        prior_weight: float = 1.0,
+    ) -> TrainingData:
+        everything = [*items, *prior_items]
+        digests = [file_digest(item.image) for item in everything]
+        weights = [1.0] * len(items) + [prior_weight] * len(prior_items)
+        times = [item.repeats * repeats for item in items] + [item.repeats for item in prior_items]
+        entries = [index for index, count in enumerate(times) for _ in range(count)]
+        buckets = [bucket_size(item, resolution) for item in everything]
+        return cls(everything, digests, weights, entries, buckets, dataset_fingerprint(everything, digests))
 
 
 def bucket_size(item: DatasetItem, resolution: int) -> tuple[int, int]:

@@ -52,9 +52,11 @@ def micro_batch_loss(session: TrainingSession, item_indices: list[int]) -> torch
         prediction = architecture.predict(session.denoiser, noisy, timesteps, conditioning)
     prediction_type = scheduler.config.prediction_type
     target = prediction_target(prediction_type, scheduler, latents, noise, timesteps)
-    weights = None
+    # Per-sample weights: prior (class) images carry prior.weight; min-SNR rescales by timestep.
+    weights = torch.tensor([session.data.weights[i] for i in item_indices], device=device)
     if preset.train.min_snr_gamma is not None:
-        weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), preset.train.min_snr_gamma, prediction_type)
+        gamma = preset.train.min_snr_gamma
+        weights = weights * min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), gamma, prediction_type)
     return weighted_mse(prediction, target, weights)
 
 

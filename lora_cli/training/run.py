@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
 
 from datasets_tools.scan import ScanResult
+from lora_cli.adapters.injection import InjectedAdapter
 from lora_cli.config import Preset, preset_to_yaml
 from lora_cli.io.adapter_file import save_adapter
 from lora_cli.io.atomic import write_text_atomic
+from lora_cli.models import LoadedBase
+from lora_cli.training.data import TrainingData
 from lora_cli.training.outputs import adapter_metadata, claim_run_folder
 from lora_cli.training.session import TrainingSession, build_session, prepare_model, run_paths, scan_dataset
 
@@ -35,7 +39,7 @@ def train(
     resuming = resume or resume_from is not None
     if not dry_run:
         claim_run_folder(paths, resuming, overwrite)
-    base, adapter, data = prepare_model(preset, scan)
+    base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run)
     if dry_run:
         _describe_plan(console, preset, scan, base, adapter, data)
         return None
@@ -69,9 +73,14 @@ def _write_adapter(session: TrainingSession) -> None:
     )
 
 
-def _describe_plan(console: Console, preset: Preset, scan: ScanResult, base, adapter, data) -> None:
-    import math
-
+def _describe_plan(
+    console: Console,
+    preset: Preset,
+    scan: ScanResult,
+    base: LoadedBase,
+    adapter: InjectedAdapter,
+    data: TrainingData,
+) -> None:
     console.print("[bold]Resolved preset[/]")
     console.print(preset_to_yaml(preset), highlight=False, markup=False)
     for component, names in adapter.targets.items():
@@ -82,6 +91,10 @@ def _describe_plan(console: Console, preset: Preset, scan: ScanResult, base, ada
     trainable = adapter.trainable_count()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", highlight=False)
     uncaptioned = sum(1 for item in scan.items if not item.caption)
+    if preset.prior.enabled:
+        prior_count = len(data.items) - len(scan.items)
+        planned = len(preset.prior.prompts) * preset.prior.images_per_prompt
+        console.print(f"prior images: {prior_count} found, {planned} from prompts (generated when training)")
     batch = preset.train.batch_size
     batches = math.ceil(len(data.entries) / batch)
     console.print(

@@ -18,6 +18,7 @@ from lora_cli.training.data import TrainingData, epoch_batches
 from lora_cli.training.encoders import BatchEncoder
 from lora_cli.training.optim import build_optimizer, build_scheduler
 from lora_cli.training.outputs import RunPaths
+from lora_cli.training.prior import prior_items
 
 
 @dataclass
@@ -65,10 +66,14 @@ def scan_dataset(preset: Preset) -> ScanResult:
     return result
 
 
-def prepare_model(preset: Preset, scan: ScanResult) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
-    """Load the frozen base, inject the adapter and index the data (shared by training and --dry-run)."""
-    data = TrainingData.build(scan.items, preset.data.resolution, preset.data.repeats)
+def prepare_model(
+    preset: Preset, scan: ScanResult, generate_prior: bool = True
+) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
+    """Load the frozen base, gather prior images (drawn by the base before any adapter exists), inject the
+    adapter and index the data. Shared by training and --dry-run (which generates nothing)."""
     base = load_base(preset.model)
+    prior = prior_items(preset, base, run_paths(preset).root, generate_prior) if preset.prior.enabled else []
+    data = TrainingData.build(scan.items, preset.data.resolution, preset.data.repeats, prior, preset.prior.weight)
     adapter = inject_adapter(base, preset.adapter, preset.train.seed)
     return base, adapter, data
 

@@ -1,0 +1,80 @@
+"""Prior preservation (DreamBooth-style regularisation): class images from a folder or drawn by the base.
+
+Generated images are written once under `output.dir/prior/<key>/` as PNG + caption pairs, keyed by the base
+fingerprint and the generation settings, so later runs reuse them and `lora-check-dataset` can inspect them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from datasets_tools.scan import DatasetItem, scan_folder
+from lora_cli.config.schema import Preset
+from lora_cli.errors import DatasetError
+from lora_cli.io.atomic import atomic_directory
+from lora_cli.models.base import LoadedBase
+
+COMPLETE_MARKER = "prior.json"
+
+
+def prior_items(preset: Preset, base: LoadedBase, run_root: Path, generate: bool) -> list[DatasetItem]:
+    """Class images for the run; generation is skipped (and counted as planned) when `generate` is False."""
+    prior = preset.prior
+    items: list[DatasetItem] = []
+    if prior.folder is not None:
+        items += _scan(Path(prior.folder), preset.data.caption_extensions)
+    if prior.prompts:
+        folder = generated_folder(preset, base, run_root)
+        if not (folder / COMPLETE_MARKER).is_file():
+            if not generate:
+                return items
+            _generate(preset, base, folder)
+        items += _scan(folder, [".txt"])
+    return items
+
+
+def generated_folder(preset: Preset, base: LoadedBase, run_root: Path) -> Path:
+    prior = preset.prior
+    settings = {
+        "base": base.identity.fingerprint,
+        "prompts": prior.prompts,
+        "per_prompt": prior.images_per_prompt,
+        "steps": prior.steps,
+        "guidance": prior.guidance_scale,
+        "seed": prior.seed,
+        "resolution": preset.data.resolution,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return run_root / "prior" / key
+
+
+def _generate(preset: Preset, base: LoadedBase, folder: Path) -> None:
+    from lora_cli.sampling import generate_images
+
+    prior = preset.prior
+    prompts = [prompt for prompt in prior.prompts for _ in range(prior.images_per_prompt)]
+    seeds = [prior.seed + i for i in range(len(prompts))]
+    images = generate_images(
+        base.architecture.build_pipeline(base),
+        prompts,
+        seeds,
+        prior.steps,
+        prior.guidance_scale,
+        "",
+        preset.data.resolution,
+    )
+    with atomic_directory(folder) as tmp:
+        for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            image.save(tmp / f"prior_{index:05d}.png")
+            (tmp / f"prior_{index:05d}.txt").write_text(prompt + "\n", encoding="utf-8")
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"prompts": prior.prompts, "count": len(prompts)}))
+
+
+def _scan(folder: Path, caption_extensions: list[str]) -> list[DatasetItem]:
+    result = scan_folder(folder, caption_extensions)
+    if result.errors:
+        first = result.errors[0]
+        raise DatasetError(f"prior.folder: {first.file}: {first.reason}; {first.fix}")
+    return result.items
