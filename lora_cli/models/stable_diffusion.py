@@ -31,38 +31,52 @@ class StableDiffusion:
         return pipeline_class in {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
 
     def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase:
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
+        from diffusers import DDPMScheduler
 
-        kwargs: dict[str, Any] = {
-            "dtype": dtype,
-            "safety_checker": None,
-            "feature_extractor": None,
-            "requires_safety_checker": False,
-        }
         if location is not None and location.is_file():
-            pipe = StableDiffusionPipeline.from_single_file(str(location), config=spec.config, **kwargs)
+            unet, vae, text_encoder, tokenizer, scheduler = self._load_single_file(spec, location, dtype)
         else:
             source = str(location) if location is not None else spec.path
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, revision=spec.revision, variant=spec.variant, **kwargs
-            )
+            unet, vae, text_encoder, tokenizer, scheduler = self._load_components(spec, source, dtype)
         identity = BaseIdentity(
             source=spec.path, fingerprint=weight_fingerprint(spec, location), architecture=self.name
         )
         return LoadedBase(
             architecture=self,
             identity=identity,
-            denoiser=pipe.unet,
-            vae=pipe.vae,
-            text_encoders={"text_encoder": pipe.text_encoder},
-            tokenizers={"text_encoder": pipe.tokenizer},
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            pipeline_extras={
-                "scheduler": pipe.scheduler,
-                "vae_scaling_factor": pipe.vae.config.scaling_factor,
-            },
+            denoiser=unet,
+            vae=vae,
+            text_encoders={"text_encoder": text_encoder},
+            tokenizers={"text_encoder": tokenizer},
+            noise_scheduler=DDPMScheduler.from_config(scheduler.config),
+            pipeline_extras={"scheduler": scheduler, "vae_scaling_factor": vae.config.scaling_factor},
         )
 
+    def _load_components(self, spec: ModelSection, source: str, dtype: torch.dtype) -> tuple:
+        """Load each component from its sub-folder: lighter than importing the pipeline class (~100 MB RSS)."""
+        import diffusers
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        common = {"revision": spec.revision}
+        weights = {**common, "variant": spec.variant, "dtype": dtype}
+        index = diffusers.DiffusionPipeline.load_config(source, **common)
+        scheduler_class = getattr(diffusers, index["scheduler"][1])
+        return (
+            UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+            AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+            CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+            scheduler_class.from_pretrained(source, subfolder="scheduler", **common),
+        )
+
+    def _load_single_file(self, spec: ModelSection, location: Path, dtype: torch.dtype) -> tuple:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(location), config=spec.config, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = base.tokenizers["text_encoder"]
         encoder = base.text_encoders["text_encoder"]
