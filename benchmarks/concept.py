@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="images judged per prompt (>= 16 is stable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="preset override")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "concept")
+    parser.add_argument("--adapter", type=Path, help="score this adapter instead of training one")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -80,7 +81,10 @@ def main() -> None:
 
     torch.set_num_threads(1)
     judge = Judge.load()
-    adapter, seconds = train_adapter(args.out / "run", args.overrides)
+    if args.adapter:
+        adapter, seconds = args.adapter, 0.0
+    else:
+        adapter, seconds = train_adapter(args.out / "run", args.overrides)
     before, after = load_pipeline(None), load_pipeline(adapter)
     report = {
         "preset": "presets/quickstart.yaml",

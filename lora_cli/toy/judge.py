@@ -130,6 +130,19 @@ def _other_shape(size: int, rng: random.Random) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def _degrade(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Mimic generated images: softer edges, a low-resolution latent bottleneck, pixel noise."""
+    if rng.random() < 0.4:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
+    if rng.random() < 0.4:
+        low = rng.randint(10, 16)
+        image = image.resize((low, low), Image.Resampling.BILINEAR).resize(image.size, Image.Resampling.BILINEAR)
+    if rng.random() < 0.3:
+        noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 12, (*image.size[::-1], 3))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    return image
+
+
 def _training_masks(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = random.Random(seed)
     masks, labels = [], []
@@ -139,8 +152,7 @@ def _training_masks(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
             image = _other_shape(MASK_SIZE, rng)
         else:
             image = draw_shape(rng.choice(list(COLOURS)), SHAPE_CLASSES[label], MASK_SIZE, rng)
-        if rng.random() < 0.5:  # generated images are softer than drawn ones
-            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
+        image = _degrade(image, rng)
         masks.append(torch.from_numpy(foreground(image)[1].astype(np.float32))[None])
         labels.append(label)
     return torch.stack(masks), torch.tensor(labels)
