@@ -312,3 +312,17 @@ def test_epochs_bf16_autocast_and_divergence(write_preset, tmp_path: Path) -> No
     assert diverging.returncode == 3, diverging.stderr
     assert "became" in diverging.stderr and "lower train.learning_rate" in diverging.stderr
     assert not (tmp_path / "diverged" / "lora.safetensors").exists()
+
+
+def test_only_adapter_weights_train_and_prior_folder_is_weighted(write_preset, shapes_data: Path) -> None:
+    from lora_cli.config import load_preset
+    from lora_cli.training.session import prepare_model, scan_dataset
+
+    preset = load_preset(write_preset(), [f"prior.folder={shapes_data}", "prior.weight=0.5", "data.repeats=2"])
+    base, adapter, data = prepare_model(preset, scan_dataset(preset))
+    trainable = [
+        n for model in base.trainable_components().values() for n, p in model.named_parameters() if p.requires_grad
+    ]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert data.weights == [1.0] * 6 + [0.5] * 6
+    assert len(data.entries) == 6 * 2 + 6  # repeats apply to the training images only

@@ -80,6 +80,7 @@ def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> Inje
         for name in base.text_encoders:
             plan[name] = section.text_encoder_targets or list(architecture.default_text_encoder_targets)
     components = base.trainable_components()
+    base_parameters = [p for model in components.values() for p in model.parameters()]
     targets: dict[str, list[str]] = {}
     torch.manual_seed(seed)  # adapter initialisation is part of the run's reproducibility
     for component, patterns in plan.items():
@@ -93,6 +94,8 @@ def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> Inje
     adapter = InjectedAdapter(algorithm, section, {c: components[c] for c in plan}, targets)
     if adapter.trainable_count() == 0:
         raise AdapterError("adapter: no trainable parameters were created; check adapter.targets")
+    if any(p.requires_grad for p in base_parameters):
+        raise RuntimeError("adapter injection left base weights trainable")  # a bug, never user input
     return adapter
 
 

@@ -77,6 +77,7 @@ class StableDiffusion:
             str(location), config=spec.config, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = base.tokenizers["text_encoder"]
         encoder = base.text_encoders["text_encoder"]

@@ -42,10 +42,10 @@ class MetricsLog:
                 handle.write(json.dumps({"step": session.step, **metrics}) + "\n")
 
     def on_end(self, session: TrainingSession, completed: bool) -> None:
-        from lora_cli.training.plots import plot_loss
+        from lora_cli.training.plots import plot_loss_in_subprocess
 
         if self.path.exists():
-            plot_loss(self.path, session.paths.loss_plot)
+            plot_loss_in_subprocess(self.path, session.paths.loss_plot)
 
 
 class ProgressDisplay:

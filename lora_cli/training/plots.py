@@ -1,8 +1,14 @@
-"""The loss curve of a run as a PNG, read back from its metrics log."""
+"""The loss curve of a run as a PNG, read back from its metrics log.
+
+The trainer draws it in a short-lived child process (`python -m lora_cli.training.plots METRICS OUT`), so
+matplotlib never adds to the training process's memory peak.
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from lora_cli.io.atomic import write_with
@@ -31,3 +37,11 @@ def plot_loss(metrics_file: Path, out: Path) -> None:
     figure.tight_layout()
     write_with(out, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
+
+
+def plot_loss_in_subprocess(metrics_file: Path, out: Path) -> None:
+    subprocess.run([sys.executable, "-m", "lora_cli.training.plots", str(metrics_file), str(out)], check=True)
+
+
+if __name__ == "__main__":
+    plot_loss(Path(sys.argv[1]), Path(sys.argv[2]))
