@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_cli.toy.shapes import COLOURS, SHAPES, draw_shape, random_polygon
-from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, write_clip_tokenizer
+from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, clip_text_encoder, save_sd_pipeline, write_clip_tokenizer
 
 BASE_COLOURS = ("red", "green", "blue")
 BASE_SHAPES = ("circle", "square", "triangle")
@@ -59,7 +59,7 @@ def codec_dataset(count: int, seed: int) -> torch.Tensor:
 
 def build_components(seed: int, tokenizer_dir: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     write_clip_tokenizer(tokenizer_dir, VOCAB_WORDS, MAX_TOKENS)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -83,19 +83,7 @@ def build_components(seed: int, tokenizer_dir: Path):
         attention_head_dim=(16, 32),
         norm_num_groups=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=64, layers=2, heads=4, max_length=MAX_TOKENS)
     return vae, unet, text_encoder, tokenizer
 
 
@@ -164,8 +152,6 @@ def train_unet(unet, latents: torch.Tensor, embeddings: torch.Tensor, empty: tor
 
 
 def train_base(out: Path, seed: int = 0, vae_steps: int = 1100, unet_steps: int = 2500, per_pair: int = 500) -> Path:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -187,25 +173,7 @@ def train_base(out: Path, seed: int = 0, vae_steps: int = 1100, unet_steps: int 
         encoded = dict(zip(prompts, text_encoder(ids.input_ids)[0], strict=True))
     embeddings = torch.stack([encoded[c] for c in captions])
     ema = train_unet(unet, latents, embeddings, encoded[""], unet_steps, seed + 4, log)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=ema,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(out)
+    save_sd_pipeline(out, vae, text_encoder, tokenizer, ema)
     log(f"saved to {out}")
     return out
 

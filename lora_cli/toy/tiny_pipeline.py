@@ -52,11 +52,57 @@ def write_clip_tokenizer(folder: Path, words: tuple[str, ...], max_length: int) 
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def clip_text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, max_length: int):
+    """A randomly initialised CLIP text encoder sized for `tokenizer` (seed it with torch.manual_seed)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def save_sd_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> Path:
+    """Save the components as a StableDiffusionPipeline folder with SD1.5's DDIM sampling schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_sd(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon", max_length: int = 77) -> Path:
     """Build and save a tiny SD1.5-shaped pipeline (UNet 32/64 channels, 8x VAE, 2-layer CLIP)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     folder = Path(folder)
     tokenizer_dir = folder / "tokenizer"
@@ -81,37 +127,6 @@ def build_tiny_sd(folder: str | Path, seed: int = 0, prediction_type: str = "eps
         norm_num_groups=8,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, layers=2, heads=4, max_length=max_length)
+    save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet, prediction_type)
     return folder
