@@ -18,6 +18,9 @@ MODULES = {
 }
 
 
+RANKS = {(c, m): 4 for c, names in MODULES.items() for m in names}
+
+
 def constant_adapter(alpha: float = 2.0) -> dict:
     tensors = {}
     for number, key in enumerate((c, m) for c, names in MODULES.items() for m in names):
@@ -55,8 +58,9 @@ def test_adapter_file_round_trip_keeps_alpha(tmp_path, file_format: str) -> None
     adapter = constant_adapter(alpha=3.0)
     path = tmp_path / "a.safetensors"
     lora = get_algorithm("lora")
-    save_adapter(path, adapter, lora, file_format, PREFIXES, {"lora_cli.rank": "4"})
-    back, metadata = read_adapter(path, lora, kohya_module_index(MODULES, PREFIXES))
+    save_adapter(path, adapter, RANKS, lora, file_format, PREFIXES, {"lora_cli.rank": "4"})
+    algorithm, back, metadata = read_adapter(path, kohya_module_index(MODULES, PREFIXES))
+    assert algorithm.name == "lora"
     assert metadata["lora_cli.format"] == file_format and metadata["lora_cli.rank"] == "4"
     assert back.keys() == adapter.keys()
     for key, named in adapter.items():
@@ -69,13 +73,13 @@ def test_damaged_and_pickle_adapters_are_refused(tmp_path) -> None:
     lora = get_algorithm("lora")
     index = kohya_module_index(MODULES, PREFIXES)
     truncated = tmp_path / "cut.safetensors"
-    save_adapter(truncated, constant_adapter(), lora, "kohya", PREFIXES, {})
+    save_adapter(truncated, constant_adapter(), RANKS, lora, "kohya", PREFIXES, {})
     truncated.write_bytes(truncated.read_bytes()[:-10])
     with pytest.raises(AdapterError, match="damaged"):
-        read_adapter(truncated, lora, index)
+        read_adapter(truncated, index)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(AdapterError, match="header length"):
-        read_adapter(garbage, lora, index)
+        read_adapter(garbage, index)
     with pytest.raises(AdapterError, match="pickle"):
-        read_adapter(tmp_path / "old.ckpt", lora, index)
+        read_adapter(tmp_path / "old.ckpt", index)

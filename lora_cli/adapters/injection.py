@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from lora_cli.adapters.registry import AdapterAlgorithm, get_algorithm
-from lora_cli.adapters.targets import resolve_targets
+from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, get_algorithm
+from lora_cli.adapters.targets import keep_late_blocks, resolve_targets
 from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import AdapterError
 from lora_cli.io.keys import AdapterTensors
@@ -20,7 +20,7 @@ class InjectedAdapter:
     """An adapter living inside the base's components, by component name."""
 
     algorithm: AdapterAlgorithm
-    section: AdapterSection
+    spec: AdapterSpec
     components: dict[str, nn.Module]
     targets: dict[str, list[str]]
 
@@ -31,19 +31,22 @@ class InjectedAdapter:
         return sum(p.numel() for name in self.components for p in self.parameters(name))
 
     def tensors(self) -> AdapterTensors:
-        """The adapter's weights, per (component, module), with kohya/LyCORIS tensor names and `alpha`."""
+        """The adapter's weights per (component, module), with kohya/LyCORIS tensor names and `alpha`."""
         from peft import get_peft_model_state_dict
 
         result: AdapterTensors = {}
-        alpha = torch.tensor(self.section.effective_alpha, dtype=torch.float32)
         for component, model in self.components.items():
             for key, value in get_peft_model_state_dict(model).items():
                 module, file_name = _split_peft_key(key, self.algorithm)
-                result.setdefault((component, module), {"alpha": alpha.clone()})[file_name] = value.detach().clone()
+                alpha = torch.tensor(self.spec.alpha_of(module), dtype=torch.float32)
+                result.setdefault((component, module), {"alpha": alpha})[file_name] = value.detach().clone()
         return result
 
+    def ranks(self) -> dict[tuple[str, str], int]:
+        return {(c, m): self.spec.rank_of(m) for c, names in self.targets.items() for m in names}
+
     def load_tensors(self, tensors: AdapterTensors, source: str) -> None:
-        """Put weights from a file (same algorithm, same targets) into the injected layers, exactly."""
+        """Put weights from a file or checkpoint into the injected layers, exactly (reshaped to each layer)."""
         from peft import set_peft_model_state_dict
 
         expected = {(c, m) for c, names in self.targets.items() for m in names}
@@ -57,46 +60,94 @@ class InjectedAdapter:
             )
         peft_names = {file: peft for peft, file in self.algorithm.tensor_names.items()}
         for component, model in self.components.items():
-            state = {
-                f"{module}.{peft_names[name]}": value
-                for (comp, module), named in tensors.items()
-                if comp == component
-                for name, value in named.items()
-                if name != "alpha"
-            }
+            own = _peft_state_shapes(model)
+            state = {}
+            for (comp, module), named in tensors.items():
+                if comp != component:
+                    continue
+                for name, value in named.items():
+                    if name == "alpha":
+                        continue
+                    key = f"{module}.{peft_names[name]}"
+                    if key not in own or own[key].numel() != value.numel():
+                        got = tuple(value.shape)
+                        raise AdapterError(f"{source}: {module}.{name} has shape {got}, the layer needs {own.get(key)}")
+                    state[key] = value.reshape(own[key])
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
                 raise AdapterError(f"{source}: tensors that fit no layer, e.g. {result.unexpected_keys[0]}")
 
 
-def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> InjectedAdapter:
-    """Wrap the targeted layers with adapter layers; only adapter weights are left trainable (float32)."""
-    from peft import inject_adapter_in_model
+def spec_from_section(section: AdapterSection, conv_modules: list[str]) -> AdapterSpec:
+    """Training hyper-parameters, with the conv rank/alpha applied to the Conv2d targets."""
+    conv_rank, conv_alpha = section.effective_conv_rank, section.effective_conv_alpha
+    return AdapterSpec(
+        algorithm=section.type,
+        rank=section.rank,
+        alpha=section.effective_alpha,
+        dropout=section.dropout,
+        dora=section.dora,
+        rank_pattern={m: conv_rank for m in conv_modules if conv_rank != section.rank},
+        alpha_pattern={m: conv_alpha for m in conv_modules if conv_alpha != section.effective_alpha},
+    )
 
-    algorithm = get_algorithm(section.type)
+
+def plan_targets(base: LoadedBase, section: AdapterSection) -> dict[str, list[str]]:
+    """Full module names to adapt per component, from presets/patterns and `late`."""
     architecture = base.architecture
-    plan = {architecture.denoiser_name: section.targets or list(architecture.default_targets)}
+    components = base.trainable_components()
+    denoiser = architecture.denoiser_name
+    spec = section.target_spec
+    patterns = architecture.target_presets[spec] if isinstance(spec, str) else spec
+    names = resolve_targets(components[denoiser], patterns, f"adapter.targets ({denoiser})")
+    if section.late:
+        names = keep_late_blocks(names, architecture.blocks(components[denoiser]), section.late)
+    plan = {denoiser: names}
     if section.text_encoder:
         for name in base.text_encoders:
-            plan[name] = section.text_encoder_targets or list(architecture.default_text_encoder_targets)
+            te_patterns = section.text_encoder_targets or list(architecture.default_text_encoder_targets)
+            plan[name] = resolve_targets(components[name], te_patterns, f"adapter.text_encoder_targets ({name})")
+    return plan
+
+
+def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> InjectedAdapter:
+    """Wrap the targeted layers with adapter layers; only adapter weights are left trainable (float32)."""
+    components = base.trainable_components()
+    targets = plan_targets(base, section)
+    conv = [m for c, names in targets.items() for m in names if isinstance(components[c].get_submodule(m), nn.Conv2d)]
+    return inject_spec(base, spec_from_section(section, conv), targets, seed)
+
+
+def inject_spec(base: LoadedBase, spec: AdapterSpec, targets: dict[str, list[str]], seed: int) -> InjectedAdapter:
+    from peft import inject_adapter_in_model
+
+    algorithm = get_algorithm(spec.algorithm)
     components = base.trainable_components()
     base_parameters = [p for model in components.values() for p in model.parameters()]
-    targets: dict[str, list[str]] = {}
     torch.manual_seed(seed)  # adapter initialisation is part of the run's reproducibility
-    for component, patterns in plan.items():
+    for component, names in targets.items():
         model = components[component]
-        where = "adapter.targets" if component == architecture.denoiser_name else "adapter.text_encoder_targets"
-        targets[component] = resolve_targets(model, patterns, f"{where} ({component})")
-        inject_adapter_in_model(algorithm.peft_config(section, targets[component]), model)
+        component_spec = replace(
+            spec,
+            rank_pattern={m: r for m, r in spec.rank_pattern.items() if m in names},
+            alpha_pattern={m: a for m, a in spec.alpha_pattern.items() if m in names},
+        )
+        inject_adapter_in_model(algorithm.peft_config(component_spec, names), model)
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    adapter = InjectedAdapter(algorithm, section, {c: components[c] for c in plan}, targets)
+    adapter = InjectedAdapter(algorithm, spec, {c: components[c] for c in targets}, targets)
     if adapter.trainable_count() == 0:
         raise AdapterError("adapter: no trainable parameters were created; check adapter.targets")
     if any(p.requires_grad for p in base_parameters):
         raise RuntimeError("adapter injection left base weights trainable")  # a bug, never user input
     return adapter
+
+
+def _peft_state_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    from peft import get_peft_model_state_dict
+
+    return {key: value.shape for key, value in get_peft_model_state_dict(model).items()}
 
 
 def _split_peft_key(key: str, algorithm: AdapterAlgorithm) -> tuple[str, str]:

@@ -1,29 +1,57 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) through peft's LoRA layers: W' = W + (alpha / r) * up @ down."""
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) and LoCon (LoRA on convolutions too) through peft's LoRA layers:
+W' = W + (alpha / r) * up @ down; with DoRA (Liu et al. 2024, arXiv:2402.09353) the result is renormalised
+per output channel and scaled by a learned magnitude."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from lora_cli.adapters.registry import AdapterAlgorithm, register
-from lora_cli.config.schema import AdapterSection
+from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, Named, register
 
 
-def lora_config(section: AdapterSection, target_modules: list[str]) -> Any:
+def lora_config(spec: AdapterSpec, target_modules: list[str]) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=section.rank,
-        lora_alpha=section.effective_alpha,
-        lora_dropout=section.dropout,
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
         target_modules=target_modules,
+        rank_pattern=exact_pattern(spec.rank_pattern),
+        alpha_pattern=exact_pattern(spec.alpha_pattern),
+        use_dora=spec.dora,
         init_lora_weights=True,
     )
 
 
-LORA = register(
-    AdapterAlgorithm(
-        name="lora",
-        peft_config=lora_config,
-        tensor_names={"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"},
+def exact_pattern(pattern: dict[str, Any]) -> dict[str, Any]:
+    """peft reads pattern keys as regexes matched at a name's end; escape full names so dots are literal."""
+    return {re.escape(name): value for name, value in pattern.items()}
+
+
+def _dora_scale_to_file(named: Named, alpha: float, rank: int) -> Named:
+    if "dora_scale" not in named:
+        return named
+    # LyCORIS/ComfyUI store the magnitude per output channel as (out, 1) or (out, 1, 1, 1).
+    dims = named["lora_down.weight"].dim()
+    return {**named, "dora_scale": named["dora_scale"].reshape(-1, *[1] * (dims - 1))}
+
+
+LORA_TENSORS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+}
+
+for _name, _marker in (("lora", "lora_down.weight"), ("locon", None)):  # one file format: files read as lora
+    register(
+        AdapterAlgorithm(
+            name=_name,
+            peft_config=lora_config,
+            tensor_names=LORA_TENSORS,
+            marker=_marker,
+            rank_from_file=lambda named: int(named["lora_down.weight"].shape[0]),
+            to_file=_dora_scale_to_file,
+        )
     )
-)

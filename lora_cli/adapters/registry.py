@@ -1,23 +1,54 @@
-"""Adapter algorithms by name: how to configure peft for each, and how its tensors are named in files."""
+"""Adapter algorithms by name: how peft is configured for each, how its tensors are named in files,
+and how files are recognised."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from lora_cli.config.schema import AdapterSection
+import torch
+
 from lora_cli.errors import AdapterError
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """Hyper-parameters of one adapter, with per-module rank/alpha where they differ (conv layers, files)."""
+
+    algorithm: str
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def rank_of(self, module: str) -> int:
+        return self.rank_pattern.get(module, self.rank)
+
+    def alpha_of(self, module: str) -> float:
+        return self.alpha_pattern.get(module, self.alpha)
+
+
+Named = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class AdapterAlgorithm:
-    """One algorithm: a peft config factory and the peft-to-file parameter name table."""
+    """One algorithm: peft config factory, peft-to-file tensor names, file detection and rank reading."""
 
     name: str
-    peft_config: Callable[[AdapterSection, list[str]], Any]
-    # peft parameter suffix (after the module path) -> kohya/LyCORIS parameter name.
+    peft_config: Callable[[AdapterSpec, list[str]], Any]
+    # peft parameter suffix (after the module path) -> kohya/LyCORIS tensor name.
     tensor_names: dict[str, str]
+    # A tensor name whose presence in a file means this algorithm (None: never detected, e.g. locon = lora).
+    marker: str | None
+    # Rank of one module from its file tensors.
+    rank_from_file: Callable[[Named], int]
+    # Exact transform of one module's peft tensors (+ alpha) into the file's convention; identity by default.
+    # Reading needs no inverse: tensors are reshaped to the layer's parameters and rank/alpha come from the file.
+    to_file: Callable[[Named, float, int], Named] = lambda named, alpha, rank: named
 
 
 _REGISTRY: dict[str, AdapterAlgorithm] = {}
@@ -29,8 +60,23 @@ def register(algorithm: AdapterAlgorithm) -> AdapterAlgorithm:
 
 
 def get_algorithm(name: str) -> AdapterAlgorithm:
-    import lora_cli.adapters.lora  # noqa: F401  (registers itself)
-
+    _load_builtin_algorithms()
     if name not in _REGISTRY:
         raise AdapterError(f"adapter.type: unknown algorithm `{name}`; choose from {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def detect_algorithm(tensor_names: set[str], source: str) -> AdapterAlgorithm:
+    """The algorithm of a file from the tensor names it holds (`lora_down`, `hada_w1_a`, `lokr_w1` ...)."""
+    _load_builtin_algorithms()
+    found = {a.name for a in _REGISTRY.values() if a.marker and any(n.startswith(a.marker) for n in tensor_names)}
+    if len(found) != 1:
+        what = "no known adapter tensors" if not found else f"tensors of several algorithms ({', '.join(found)})"
+        raise AdapterError(f"{source}: {what}; expected LoRA, LoHa or LoKr tensors")
+    return _REGISTRY[found.pop()]
+
+
+def _load_builtin_algorithms() -> None:
+    import lora_cli.adapters.loha
+    import lora_cli.adapters.lokr
+    import lora_cli.adapters.lora  # noqa: F401  (each registers itself)

@@ -43,3 +43,16 @@ def _close(pattern: str, candidates: list[str]) -> str:
     leaves = sorted({name.split(".")[-1] for name in candidates} | {".".join(n.split(".")[-2:]) for n in candidates})
     close = difflib.get_close_matches(pattern, leaves, n=3, cutoff=0.5)
     return f"; close names: {', '.join(close)}" if close else f"; layer names end in e.g. {', '.join(leaves[:6])}"
+
+
+def keep_late_blocks(names: list[str], blocks: list[str], late: int) -> list[str]:
+    """Only the modules inside the last `late` blocks (Late-Stage LoRA); none left is an error."""
+    if late > len(blocks):
+        raise AdapterError(f"adapter.late: {late} is more than the denoiser's {len(blocks)} blocks")
+    kept_blocks = tuple(f"{block}." for block in blocks[-late:])
+    kept = [name for name in names if name.startswith(kept_blocks)]
+    if not kept:
+        raise AdapterError(
+            f"adapter.late: no targeted module lies in the last {late} blocks ({', '.join(blocks[-late:])})"
+        )
+    return kept

@@ -37,19 +37,44 @@ class ModelSection(Section):
     )
 
 
+TARGET_PRESETS = ("attention", "attention_ff", "full")
+
+
 class AdapterSection(Section):
-    type: Literal["lora"] = Field("lora", description="Adapter algorithm.")
+    type: Literal["lora", "locon", "loha", "lokr"] = Field(
+        "lora",
+        description="Adapter algorithm: `lora`, `locon` (LoRA that also covers convolutions), `loha` "
+        "(Hadamard product of two low-rank pairs) or `lokr` (Kronecker product).",
+    )
     rank: int = Field(4, gt=0, description="Rank (dimension) of the low-rank update.")
     alpha: float | None = Field(
         None,
         gt=0,
         description="Scale numerator: the update is multiplied by alpha / rank. Defaults to `rank` (scale 1).",
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
-    targets: list[str] | None = Field(
+    conv_rank: int | None = Field(
+        None, gt=0, description="Rank for Conv2d layers (LoCon, LoHa, LoKr). Defaults to `rank`."
+    )
+    conv_alpha: float | None = Field(
+        None, gt=0, description="Alpha for Conv2d layers. Defaults to `alpha` (or `conv_rank` if alpha is unset)."
+    )
+    dora: bool = Field(
+        False, description="Weight-decomposed LoRA (DoRA, Liu et al. 2024): learn a magnitude per output channel too."
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input during training (lora/locon only)."
+    )
+    targets: str | list[str] | None = Field(
         None,
-        description="Module-name patterns to adapt in the denoiser: a name suffix (`to_q`, `attn1.to_out.0`) "
-        "or a glob (`down_blocks.*.to_k`). Defaults to the architecture's attention projections.",
+        description="What to adapt in the denoiser: a preset (`attention`, `attention_ff`, `full` = every "
+        "Linear and Conv2d) or module-name patterns: a name suffix (`to_q`, `attn1.to_out.0`) or a glob "
+        "(`down_blocks.*.to_k`). Default: `attention` for lora, `full` for locon/loha/lokr.",
+    )
+    late: int | None = Field(
+        None,
+        gt=0,
+        description="Adapt only modules inside the last N blocks of the denoiser (Late-Stage LoRA); "
+        "UNet blocks count down blocks, the mid block, then up blocks.",
     )
     text_encoder: bool = Field(False, description="Also train an adapter on the text encoder(s).")
     text_encoder_targets: list[str] | None = Field(
@@ -60,6 +85,35 @@ class AdapterSection(Section):
     @property
     def effective_alpha(self) -> float:
         return float(self.rank) if self.alpha is None else self.alpha
+
+    @property
+    def effective_conv_rank(self) -> int:
+        return self.conv_rank or self.rank
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        if self.conv_alpha is not None:
+            return self.conv_alpha
+        return float(self.effective_conv_rank) if self.alpha is None else self.alpha
+
+    @property
+    def target_spec(self) -> str | list[str]:
+        if self.targets is not None:
+            return self.targets
+        return "attention" if self.type == "lora" else "full"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterSection:
+        if self.dora and self.type not in ("lora", "locon"):
+            raise ValueError(f"`adapter.dora` works with lora and locon, not {self.type}")
+        if self.dropout and self.type not in ("lora", "locon"):
+            raise ValueError(f"`adapter.dropout` is not available for {self.type}; set it to 0")
+        if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
+            raise ValueError(
+                f"`adapter.targets` preset `{self.targets}` is unknown; use one of {', '.join(TARGET_PRESETS)} "
+                "or a list of module-name patterns"
+            )
+        return self
 
 
 class DataSection(Section):
@@ -203,6 +257,10 @@ class Preset(Section):
         if self.cache.text_embeddings and self.data.shuffle_tags:
             raise ValueError(
                 "`cache.text_embeddings` cannot be used with `data.shuffle_tags` (every shuffle is a new caption)"
+            )
+        if self.output.format == "diffusers" and self.adapter.type not in ("lora", "locon"):
+            raise ValueError(
+                f"`output.format: diffusers` holds LoRA/LoCon only; save {self.adapter.type} as `kohya` (LyCORIS keys)"
             )
         if self.data.resolution % 8:
             raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from lora_cli.adapters.registry import AdapterAlgorithm
+from lora_cli.adapters.registry import AdapterAlgorithm, detect_algorithm, get_algorithm
 from lora_cli.errors import AdapterError
 from lora_cli.io.keys import (
     AdapterTensors,
@@ -26,15 +26,20 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' loader look
 def save_adapter(
     path: str | Path,
     tensors: AdapterTensors,
+    ranks: dict[ModuleKey, int],
     algorithm: AdapterAlgorithm,
     file_format: FileFormat,
     kohya_table: KohyaTable,
     metadata: dict[str, str],
 ) -> None:
-    """Write the adapter atomically in the requested key layout, with `metadata` in the header."""
+    """Write the adapter atomically in the requested key layout, with `metadata` in the header.
+
+    `tensors` are in peft's convention; the kohya layout applies the algorithm's file convention
+    (LyCORIS `dora_scale` shapes, LoKr scale folding) so A1111/ComfyUI compute the same update."""
     metadata = {**metadata, "lora_cli.format": file_format}
     if file_format == "kohya":
-        flat = to_kohya(tensors, kohya_table)
+        exported = {key: algorithm.to_file(named, float(named["alpha"]), ranks[key]) for key, named in tensors.items()}
+        flat = to_kohya(exported, kohya_table)
     else:
         peft_names = {file: peft for peft, file in algorithm.tensor_names.items()}
         flat = to_diffusers(tensors, peft_names)
@@ -43,19 +48,22 @@ def save_adapter(
 
 
 def read_adapter(
-    path: str | Path, algorithm: AdapterAlgorithm, kohya_index: dict[str, ModuleKey]
-) -> tuple[AdapterTensors, dict[str, str]]:
-    """Read an adapter in either layout into the internal namespace (alpha restored for diffusers files)."""
+    path: str | Path, kohya_index: dict[str, ModuleKey]
+) -> tuple[AdapterAlgorithm, AdapterTensors, dict[str, str]]:
+    """Read an adapter in either layout: its algorithm (from the tensor names), tensors in the internal
+    namespace (alpha restored for diffusers files) and metadata."""
     flat, metadata = load_tensors(path, AdapterError)
     if not flat:
         raise AdapterError(f"{path}: the file holds no tensors")
     if any(key.startswith("lora_") for key in flat):
-        return from_kohya(flat, kohya_index, str(path)), metadata
+        tensors = from_kohya(flat, kohya_index, str(path))
+        names = {name for named in tensors.values() for name in named}
+        return detect_algorithm(names, str(path)), tensors, metadata
+    algorithm = get_algorithm("lora")  # the diffusers/peft layout holds LoRA/LoCon only
     components = {component for component, _ in kohya_index.values()}
-    file_names = algorithm.tensor_names
-    tensors = from_diffusers(flat, file_names, components, str(path))
+    tensors = from_diffusers(flat, algorithm.tensor_names, components, str(path))
     _restore_alpha(tensors, metadata)
-    return tensors, metadata
+    return algorithm, tensors, metadata
 
 
 def _diffusers_adapter_config(tensors: AdapterTensors) -> dict[str, object]:

@@ -46,13 +46,15 @@ class Architecture(Protocol):
 
     name: str
     denoiser_name: str
-    default_targets: tuple[str, ...]
+    target_presets: dict[str, tuple[str, ...]]
     default_text_encoder_targets: tuple[str, ...]
     kohya_table: KohyaTable
 
     def matches(self, pipeline_class: str) -> bool: ...
 
     def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase: ...
+
+    def blocks(self, denoiser: nn.Module) -> list[str]: ...
 
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]: ...
 

@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 class StableDiffusion:
     name = "stable-diffusion"
     denoiser_name = "unet"
-    # Attention projections of every transformer block: the classic LoRA target set.
-    default_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    target_presets = {
+        "attention": ("to_q", "to_k", "to_v", "to_out.0"),  # the classic LoRA target set
+        "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+        "full": ("*",),  # every Linear and Conv2d of the UNet
+    }
     # kohya's default text-encoder targets: attention and MLP projections.
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     kohya_table = {
@@ -77,6 +80,12 @@ class StableDiffusion:
             str(location), config=spec.config, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[str]:
+        """Module-name prefixes of the UNet's blocks in execution order (for `adapter.late`)."""
+        down = [f"down_blocks.{i}" for i in range(len(denoiser.down_blocks))]
+        up = [f"up_blocks.{i}" for i in range(len(denoiser.up_blocks))]
+        return [*down, "mid_block", *up]
 
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = base.tokenizers["text_encoder"]

@@ -82,12 +82,13 @@ def adapter_metadata(
     preset: Preset, identity: BaseIdentity, adapter: InjectedAdapter, step: int, dataset_fingerprint: str
 ) -> dict[str, str]:
     """Self-describing header: algorithm, rank, alpha, targets, base identity, preset, step, dataset."""
-    section = adapter.section
+    spec = adapter.spec
     return {
         "lora_cli.version": __version__,
-        "lora_cli.algorithm": section.type,
-        "lora_cli.rank": str(section.rank),
-        "lora_cli.alpha": str(section.effective_alpha),
+        "lora_cli.algorithm": spec.algorithm,
+        "lora_cli.dora": str(spec.dora).lower(),
+        "lora_cli.rank": str(spec.rank),
+        "lora_cli.alpha": str(spec.alpha),
         "lora_cli.targets": json.dumps(adapter.targets),
         "lora_cli.base_model": identity.source,
         "lora_cli.base_fingerprint": identity.fingerprint,
@@ -96,9 +97,9 @@ def adapter_metadata(
         "lora_cli.step": str(step),
         "lora_cli.dataset_fingerprint": dataset_fingerprint,
         # kohya's keys, shown by A1111/ComfyUI tools that inspect LoRA files.
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(section.rank),
-        "ss_network_alpha": str(section.effective_alpha),
+        "ss_network_module": "networks.lora" if spec.algorithm in ("lora", "locon") else "lycoris.kohya",
+        "ss_network_dim": str(spec.rank),
+        "ss_network_alpha": str(spec.alpha),
         "ss_sd_model_name": identity.source,
         "ss_steps": str(step),
     }

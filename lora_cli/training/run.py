@@ -66,6 +66,7 @@ def _write_adapter(session: TrainingSession) -> None:
     save_adapter(
         session.paths.adapter,
         session.adapter.tensors(),
+        session.adapter.ranks(),
         session.adapter.algorithm,
         preset.output.format,
         session.base.architecture.kohya_table,
