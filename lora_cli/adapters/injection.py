@@ -115,15 +115,17 @@ def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> Inje
     components = base.trainable_components()
     targets = plan_targets(base, section)
     conv = [m for c, names in targets.items() for m in names if isinstance(components[c].get_submodule(m), nn.Conv2d)]
-    return inject_spec(base, spec_from_section(section, conv), targets, seed)
+    return inject_spec(components, spec_from_section(section, conv), targets, seed)
 
 
-def inject_spec(base: LoadedBase, spec: AdapterSpec, targets: dict[str, list[str]], seed: int) -> InjectedAdapter:
+def inject_spec(
+    components: dict[str, nn.Module], spec: AdapterSpec, targets: dict[str, list[str]], seed: int
+) -> InjectedAdapter:
+    """Inject `spec` into the named modules of each component (any nn.Module, not only a pipeline's)."""
     from peft import inject_adapter_in_model
 
     algorithm = get_algorithm(spec.algorithm)
-    components = base.trainable_components()
-    base_parameters = [p for model in components.values() for p in model.parameters()]
+    base_parameters = [p for c in targets for p in components[c].parameters()]
     torch.manual_seed(seed)  # adapter initialisation is part of the run's reproducibility
     for component, names in targets.items():
         model = components[component]
