@@ -1,11 +1,12 @@
 """Does the quickstart adapter teach the built-in base a new concept without making it forget?
 
-Trains `presets/quickstart.yaml` with `lora-train` (in a subprocess, timed), then has the offline judge score
-the base and the base + adapter (loaded by diffusers' own `load_lora_weights`) on the held-out prompt
-"a yellow star" and the nine known prompts, `--samples` images each with fixed seeds. Writes JSON and a PNG
-grid (rows: prompts; columns: samples before | after).
+Trains `presets/quickstart.yaml` with `lora-train` (in a subprocess, timed) for each adapter type asked for,
+then has the offline judge score the base and the base + adapter (loaded by lora-cli's adapter loader, which
+reads every algorithm; for LoRA it matches diffusers' `load_lora_weights`, see tests) on the held-out prompt
+"a yellow star" and the nine known prompts, `--samples` images each with fixed seeds. Writes JSON and, per
+adapter type, a PNG grid (rows: prompts; columns: samples before | after).
 
-Run: `python benchmarks/concept.py [--samples 16] [--set train.steps=400 ...] [--out runs/concept]`
+Run: `python benchmarks/concept.py [--types lora,locon,loha,lokr,dora] [--samples 16] [--set KEY=VALUE ...]`
 """
 
 from __future__ import annotations
@@ -34,15 +35,24 @@ def train_adapter(out: Path, overrides: list[str]) -> tuple[Path, float]:
     return out / "yellow-star.safetensors", time.perf_counter() - started
 
 
+TYPE_OVERRIDES = {
+    "lora": ["adapter.type=lora"],
+    "locon": ["adapter.type=locon"],
+    "loha": ["adapter.type=loha"],
+    "lokr": ["adapter.type=lokr"],
+    "dora": ["adapter.type=lora", "adapter.dora=true"],
+}
+
+
 def load_pipeline(adapter: Path | None):
+    from lora_cli.adapters.loading import load_adapter_file
     from lora_cli.config.schema import ModelSection
     from lora_cli.models import load_base
 
     base = load_base(ModelSection(path="builtin:shapes"))
-    pipeline = base.architecture.build_pipeline(base)
     if adapter is not None:
-        pipeline.load_lora_weights(str(adapter))
-    return pipeline
+        load_adapter_file(base.trainable_components(), base.architecture.kohya_table, adapter)
+    return base.architecture.build_pipeline(base)
 
 
 def score(pipeline, judge, samples: int) -> dict[str, dict[str, float]]:
@@ -69,6 +79,7 @@ def grid(before, after, count: int) -> Image.Image:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default="lora", help=f"comma-separated, from {','.join(TYPE_OVERRIDES)}")
     parser.add_argument("--samples", type=int, default=16, help="images judged per prompt (>= 16 is stable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="preset override")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "concept")
@@ -81,28 +92,26 @@ def main() -> None:
 
     torch.set_num_threads(1)
     judge = Judge.load()
-    if args.adapter:
-        adapter, seconds = args.adapter, 0.0
-    else:
-        adapter, seconds = train_adapter(args.out / "run", args.overrides)
-    before, after = load_pipeline(None), load_pipeline(adapter)
-    report = {
-        "preset": "presets/quickstart.yaml",
-        "overrides": args.overrides,
-        "samples_per_prompt": args.samples,
-        "train_wall_s": round(seconds, 1),
-        "before": score(before, judge, args.samples),
-        "after": score(after, judge, args.samples),
-    }
+    before = load_pipeline(None)
+    report = {"preset": "presets/quickstart.yaml", "overrides": args.overrides, "samples_per_prompt": args.samples}
+    report["base"] = score(before, judge, args.samples)
+    runs = {"given": (args.adapter, 0.0)} if args.adapter else {}
+    for kind in [] if args.adapter else args.types.split(","):
+        runs[kind] = train_adapter(args.out / kind, TYPE_OVERRIDES[kind] + args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
+    for kind, (adapter, seconds) in runs.items():
+        after = load_pipeline(adapter)
+        report[kind] = {"train_wall_s": round(seconds, 1), **score(after, judge, args.samples)}
+        grid(before, after, 4).save(args.out / f"concept-{kind}.png")
     (args.out / "concept.json").write_text(json.dumps(report, indent=2))
-    grid(before, after, 4).save(args.out / "concept.png")
     print(json.dumps(report, indent=2))
-    b, a = report["before"], report["after"]
-    print(
-        f"held-out 'a yellow star': {b['held_out']['a yellow star']:.2f} -> {a['held_out']['a yellow star']:.2f}; "
-        f"known prompts: {b['known_mean']:.2f} -> {a['known_mean']:.2f}; training {seconds:.0f} s wall"
-    )
+    base = report["base"]
+    print(f"{'adapter':8} {'yellow star':>12} {'known prompts':>14} {'train s':>8}")
+    print(f"{'base':8} {base['held_out']['a yellow star']:12.2f} {base['known_mean']:14.2f}")
+    for kind in runs:
+        row = report[kind]
+        held, known, seconds = row["held_out"]["a yellow star"], row["known_mean"], row["train_wall_s"]
+        print(f"{kind:8} {held:12.2f} {known:14.2f} {seconds:8.0f}")
 
 
 if __name__ == "__main__":
