@@ -9,6 +9,7 @@ import typer
 
 from lora_cli.cli.errors import run_app
 from lora_cli.cli.options import Overrides
+from lora_cli.cli.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -39,7 +40,7 @@ def train(
     if resume and overwrite:
         raise PresetError("--resume and --overwrite contradict each other; choose one")
     loaded = load_preset(preset, overrides or [])
-    _quiet_libraries()
+    quiet_libraries()
     from lora_cli.training.run import train as run_training
 
     run_training(
@@ -51,23 +52,6 @@ def train(
         dry_run=dry_run,
         show_progress=not no_progress,
     )
-
-
-def _quiet_libraries() -> None:
-    """Silence load-time chatter of diffusers/transformers (progress bars, deprecation notes)."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
 
 
 def main() -> None:

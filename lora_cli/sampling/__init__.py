@@ -1,7 +1,8 @@
-"""Images from a pipeline with fixed seeds, and labelled grids of them."""
+"""Images from a pipeline with fixed seeds, labelled grids of them, and `lora-sample` behind them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -18,6 +19,7 @@ def generate_images(
     guidance_scale: float,
     negative_prompt: str,
     size: int,
+    on_batch: Callable[[int], object] | None = None,
 ) -> list[Image.Image]:
     """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images."""
     import torch
@@ -37,6 +39,8 @@ def generate_images(
             generator=generators,
         )
         images += result.images
+        if on_batch is not None:
+            on_batch(len(chunk))
     return images
 
 

@@ -1,0 +1,136 @@
+"""`lora-sample`: preview images from a base with zero, one or many adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lora_cli.cli.errors import run_app
+from lora_cli.errors import LoraCliError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(help="Draw images from a base model with zero, one or many adapters, as PNGs and a labelled grid.")
+def sample(
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model: folder, .safetensors, hub id or builtin:NAME.")
+    ] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", help="Adapter file, optionally FILE:SCALE (repeatable).")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="A text file with one prompt per line.")] = None,
+    preset: Annotated[
+        Path | None, typer.Option("--preset", help="Take the base and the `sample` settings from a preset.")
+    ] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the first image of each prompt.")] = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Images per prompt (seeds count up).")] = 1,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", min=0.0, help="Guidance scale.")] = None,
+    size: Annotated[
+        int | None, typer.Option("--size", min=8, help="Image size in pixels (default: the base's).")
+    ] = None,
+    scheduler: Annotated[
+        str, typer.Option("--scheduler", help="default, ddim, euler, euler_a, dpmpp_2m, unipc, pndm, ddpm.")
+    ] = "default",
+    scales: Annotated[str | None, typer.Option("--scales", help="Sweep adapter strength, e.g. 0,0.5,1.0.")] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Add a column of base images with the same seeds.")
+    ] = False,
+    stack: Annotated[
+        bool, typer.Option("--stack", help="Apply all adapters together instead of side by side.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples"),
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace samples already in --out.")] = False,
+) -> None:
+    from rich.console import Console
+
+    from lora_cli.cli.quiet import quiet_libraries
+    from lora_cli.sampling.run import SampleRequest
+
+    defaults = _preset_defaults(preset)
+    prompt_list = list(prompt or []) + (_read_prompts(prompts) if prompts else []) or defaults.get("prompts", [])
+    base = base or defaults.get("base")
+    if not base:
+        raise LoraCliError("--base is required (or --preset with a model); e.g. --base builtin:shapes")
+    if not prompt_list:
+        raise LoraCliError("give at least one --prompt, a --prompts file, or a --preset with sample.prompts")
+    request = SampleRequest(
+        base=base,
+        prompts=prompt_list,
+        out=out,
+        adapters=[parse_adapter(spec) for spec in adapter or []],
+        negative_prompt=negative if negative is not None else defaults.get("negative_prompt", ""),
+        seed=seed if seed is not None else defaults.get("seed", 0),
+        images_per_prompt=images,
+        steps=steps or defaults.get("steps", 25),
+        guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 7.5),
+        size=size or defaults.get("size"),
+        scheduler=scheduler,
+        scales=parse_scales(scales) if scales else None,
+        compare=compare,
+        stack=stack,
+        device=device,
+        overwrite=overwrite,
+    )
+    quiet_libraries()
+    from lora_cli.sampling.run import run_sampling
+
+    console = Console(stderr=True)
+    written = run_sampling(request, console)
+    console.print(f"{len(written) - 1} images and {written[-1]} written", highlight=False)
+
+
+def parse_adapter(spec: str) -> tuple[Path, float]:
+    """FILE or FILE:SCALE; the file must exist."""
+    path_text, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and not tail.endswith((".safetensors", "/")):
+        try:
+            path_text, scale = head, float(tail)
+        except ValueError:
+            raise LoraCliError(f"--adapter {spec}: the scale after ':' must be a number, e.g. {head}:0.8") from None
+    path = Path(path_text)
+    if not path.is_file():
+        raise LoraCliError(f"--adapter {path}: file not found")
+    return path, scale
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LoraCliError(f"--scales {text}: expected comma-separated numbers, e.g. 0,0.5,1.0") from None
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise LoraCliError(f"--prompts {path}: file not found")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _preset_defaults(preset: Path | None) -> dict:
+    if preset is None:
+        return {}
+    from lora_cli.config import load_preset
+
+    loaded = load_preset(preset)
+    sample = loaded.sample
+    return {
+        "base": loaded.model.path,
+        "prompts": sample.prompts,
+        "negative_prompt": sample.negative_prompt,
+        "seed": sample.seed,
+        "steps": sample.steps,
+        "guidance_scale": sample.guidance_scale,
+        "size": loaded.data.resolution,
+    }
+
+
+def main() -> None:
+    run_app(app, "lora-sample")

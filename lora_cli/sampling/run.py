@@ -1,0 +1,145 @@
+"""`lora-sample` end to end: load the base once, then draw every column (base, adapters, scales) of the grid."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lora_cli.config.schema import ModelSection
+from lora_cli.errors import OutputExistsError
+from lora_cli.io.atomic import write_with
+from lora_cli.sampling import generate_images, image_grid
+from lora_cli.sampling.patcher import AdapterFile, WeightPatcher
+from lora_cli.sampling.png import save_png
+from lora_cli.sampling.schedulers import make_scheduler
+
+
+@dataclass
+class SampleRequest:
+    base: str
+    prompts: list[str]
+    out: Path
+    adapters: list[tuple[Path, float]] = field(default_factory=list)
+    negative_prompt: str = ""
+    seed: int = 0
+    images_per_prompt: int = 1
+    steps: int = 25
+    guidance_scale: float = 7.5
+    size: int | None = None
+    scheduler: str = "default"
+    scales: list[float] | None = None
+    compare: bool = False
+    stack: bool = False
+    device: str = "auto"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Column:
+    label: str
+    active: list[tuple[AdapterFile, float]]
+
+
+def plan_columns(request: SampleRequest, files: list[AdapterFile]) -> list[Column]:
+    """Grid columns: the base (without adapters or with --compare), then adapters side by side, each at
+    its scale or at every --scales value; with --stack all adapters are active together."""
+    columns = [Column("base", [])] if request.compare or not files else []
+    named = [(file, scale) for file, (_, scale) in zip(files, request.adapters, strict=True)]
+    if request.stack:
+        multipliers = request.scales or [1.0]
+        for m in multipliers:
+            label = " + ".join(f"{f.path.stem}@{s * m:g}" for f, s in named)
+            columns.append(Column(label, [(f, s * m) for f, s in named]))
+        return columns
+    for file, scale in named:
+        for value in request.scales or [scale]:
+            columns.append(Column(f"{file.path.stem}@{value:g}", [(file, value)]))
+    return columns
+
+
+def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
+    """Draw the grid; returns the written PNGs (each image, then the grid)."""
+    import torch
+
+    from lora_cli.models import load_base
+
+    grid_path = request.out / "grid.png"
+    if grid_path.exists() and not request.overwrite:
+        raise OutputExistsError(f"{request.out} already holds samples; pass --overwrite or choose another --out")
+    device = torch.device(
+        "cuda"
+        if request.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if request.device == "auto"
+        else request.device
+    )
+    dtype = "float16" if device.type == "cuda" else "float32"
+    base = load_base(ModelSection(path=request.base, dtype=dtype))
+    for module in (base.denoiser, base.vae, *base.text_encoders.values()):
+        module.to(device)
+    base.pipeline_extras["scheduler"] = make_scheduler(request.scheduler, base.pipeline_extras["scheduler"])
+    pipeline = base.architecture.build_pipeline(base)
+    patcher = WeightPatcher(base.trainable_components(), base.architecture.kohya_table)
+    files = [patcher.read(path) for path, _ in request.adapters]
+    size = request.size or _native_size(base)
+    rows = [(prompt, request.seed + i) for prompt in request.prompts for i in range(request.images_per_prompt)]
+    columns = plan_columns(request, files)
+
+    written: list[Path] = []
+    grid_cells: list[list[Any]] = [[] for _ in rows]
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("sampling", total=len(rows) * len(columns))
+        for number, column in enumerate(columns):
+            patcher.apply(column.active)
+            images = generate_images(
+                pipeline,
+                [prompt for prompt, _ in rows],
+                [seed for _, seed in rows],
+                request.steps,
+                request.guidance_scale,
+                request.negative_prompt,
+                size,
+                on_batch=lambda count: progress.advance(task, count),
+            )
+            for row, ((prompt, seed), image) in enumerate(zip(rows, images, strict=True)):
+                params = _params(request, column, prompt, seed, size)
+                path = request.out / f"{row:03d}-{number:02d}-{_slug(column.label)}-seed{seed}.png"
+                save_png(image, path, params)
+                written.append(path)
+                grid_cells[row].append(image)
+    patcher.restore()
+    labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
+    grid = image_grid(grid_cells, labels, [column.label for column in columns])
+    write_with(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
+    return [*written, grid_path]
+
+
+def _params(request: SampleRequest, column: Column, prompt: str, seed: int, size: int) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": seed,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "scheduler": request.scheduler,
+        "width": size,
+        "height": size,
+        "base": request.base,
+        "adapters": [{"name": f.path.name, "path": str(f.path), "scale": s} for f, s in column.active],
+    }
+
+
+def _native_size(base: Any) -> int:
+    """The resolution the base was trained at: UNet sample size times the VAE's downsampling factor."""
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return int(base.denoiser.config.sample_size) * factor
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.@+-]+", "_", text)[:60]
