@@ -5,18 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_cli.adapters.lora import exact_pattern
-from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, register
+from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, common_peft_kwargs, exact_pattern, register
 
 
 def loha_config(spec: AdapterSpec, target_modules: list[str]) -> Any:
     from peft import LoHaConfig
 
     return LoHaConfig(
-        r=spec.rank,
+        **common_peft_kwargs(spec, target_modules),
         alpha=spec.alpha,
-        target_modules=target_modules,
-        rank_pattern=exact_pattern(spec.rank_pattern),
         alpha_pattern=exact_pattern(spec.alpha_pattern),
         use_effective_conv2d=False,
         init_weights=True,

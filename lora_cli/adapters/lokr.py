@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_cli.adapters.lora import exact_pattern
-from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, Named, register
+from lora_cli.adapters.registry import (
+    AdapterAlgorithm,
+    AdapterSpec,
+    Named,
+    common_peft_kwargs,
+    exact_pattern,
+    register,
+)
 
 TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -15,10 +21,8 @@ def lokr_config(spec: AdapterSpec, target_modules: list[str]) -> Any:
     from peft import LoKrConfig
 
     return LoKrConfig(
-        r=spec.rank,
+        **common_peft_kwargs(spec, target_modules),
         alpha=spec.alpha,
-        target_modules=target_modules,
-        rank_pattern=exact_pattern(spec.rank_pattern),
         alpha_pattern=exact_pattern(spec.alpha_pattern),
         use_effective_conv2d=False,
         decompose_both=False,

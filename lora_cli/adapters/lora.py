@@ -4,30 +4,29 @@ per output channel and scaled by a learned magnitude."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, Named, register
+from lora_cli.adapters.registry import (
+    AdapterAlgorithm,
+    AdapterSpec,
+    Named,
+    common_peft_kwargs,
+    exact_pattern,
+    register,
+)
 
 
 def lora_config(spec: AdapterSpec, target_modules: list[str]) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=spec.rank,
+        **common_peft_kwargs(spec, target_modules),
         lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=target_modules,
-        rank_pattern=exact_pattern(spec.rank_pattern),
         alpha_pattern=exact_pattern(spec.alpha_pattern),
+        lora_dropout=spec.dropout,
         use_dora=spec.dora,
         init_lora_weights=True,
     )
-
-
-def exact_pattern(pattern: dict[str, Any]) -> dict[str, Any]:
-    """peft reads pattern keys as regexes matched at a name's end; escape full names so dots are literal."""
-    return {re.escape(name): value for name, value in pattern.items()}
 
 
 def _dora_scale_to_file(named: Named, alpha: float, rank: int) -> Named:

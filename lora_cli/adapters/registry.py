@@ -3,6 +3,7 @@ and how files are recognised."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,16 @@ class AdapterSpec:
 
 
 Named = dict[str, torch.Tensor]
+
+
+def common_peft_kwargs(spec: AdapterSpec, target_modules: list[str]) -> dict[str, Any]:
+    """The config fields every peft adapter type shares: rank, exact targets, per-module rank patterns."""
+    return {"r": spec.rank, "target_modules": target_modules, "rank_pattern": exact_pattern(spec.rank_pattern)}
+
+
+def exact_pattern(pattern: dict[str, Any]) -> dict[str, Any]:
+    """peft reads pattern keys as regexes matched at a name's end; escape full names so dots are literal."""
+    return {re.escape(name): value for name, value in pattern.items()}
 
 
 @dataclass(frozen=True)
