@@ -1,28 +1,23 @@
-"""Find image-caption pairs in a dataset folder (plain, or kohya `N_name` repeat sub-folders)."""
+"""Find image-caption pairs in a dataset folder: plain folders, kohya `N_name` repeat sub-folders, or a
+`metadata.jsonl` (diffusers/Hugging Face `file_name` + `text` layout). Reads captions, never images."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from datasets_tools.findings import Finding
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
+UNSUPPORTED_IMAGES = (".heic", ".heif", ".avif", ".psd", ".svg", ".raw", ".cr2", ".nef", ".exr", ".jxl")
+CAPTION_LIKE = (".txt", ".caption", ".tags", ".json")
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "metadata.jsonl"}
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
-
-Severity = Literal["error", "warning", "info"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem found in a dataset: how bad, where, why, and what to do."""
-
-    severity: Severity
-    category: str
-    file: str
-    reason: str
-    fix: str
+METADATA_FILE = "metadata.jsonl"
+METADATA_CAPTION_KEYS = ("text", "caption", "prompt")
 
 
 @dataclass(frozen=True)
@@ -49,25 +44,28 @@ class ScanResult:
 
 
 def scan_folder(folder: str | Path, caption_extensions: list[str]) -> ScanResult:
-    """List images with their captions; missing folders and empty datasets are error findings."""
+    """List images with their captions; a missing folder or no images is an error finding."""
     folder = Path(folder)
     result = ScanResult(folder)
     if not folder.is_dir():
         result.findings.append(
-            Finding("error", "folder", str(folder), "dataset folder does not exist", "check data.folder")
+            Finding("error", "folder", "missing-folder", str(folder), "dataset folder does not exist", "check the path")
         )
         return result
-    for directory, repeats in _image_directories(folder):
-        for image in sorted(p for p in directory.iterdir() if _is_image(p)):
-            result.items.append(_item(image, caption_extensions, repeats, result.findings))
+    if (folder / METADATA_FILE).is_file():
+        _scan_metadata(folder, result)
+    else:
+        for directory, repeats in _image_directories(folder, result):
+            _scan_directory(directory, repeats, caption_extensions, result)
     if not result.items:
         result.findings.append(
             Finding(
                 "error",
                 "folder",
+                "no-images",
                 str(folder),
                 f"no images found ({', '.join(IMAGE_EXTENSIONS)})",
-                "point data.folder at the folder that holds the images",
+                "point at the folder that holds the images",
             )
         )
     return result
@@ -90,56 +88,156 @@ def dataset_fingerprint(items: list[DatasetItem], digests: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _image_directories(folder: Path) -> list[tuple[Path, int]]:
-    repeat_dirs = []
+def _image_directories(folder: Path, result: ScanResult) -> list[tuple[Path, int]]:
+    directories = [(folder, 1)]
     for child in sorted(folder.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
         match = REPEAT_FOLDER.match(child.name)
-        if child.is_dir() and not child.name.startswith(".") and match:
-            repeat_dirs.append((child, int(match.group(1))))
-    return [(folder, 1), *repeat_dirs]
+        if match:
+            directories.append((child, int(match.group(1))))
+        else:
+            result.findings.append(
+                Finding(
+                    "info",
+                    "folder",
+                    "ignored-folder",
+                    str(child),
+                    "sub-folder without an N_name prefix is ignored",
+                    "rename it to e.g. 5_name to train it 5 times per epoch",
+                )
+            )
+    return directories
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+def _scan_directory(directory: Path, repeats: int, caption_extensions: list[str], result: ScanResult) -> None:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not _hidden(p))
+    stems_with_images = set()
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            stems_with_images.add(path.stem)
+            result.items.append(_item(path, caption_extensions, repeats, result.findings))
+        elif suffix in UNSUPPORTED_IMAGES:
+            result.findings.append(
+                Finding(
+                    "warning",
+                    "file",
+                    "unsupported-format",
+                    str(path),
+                    f"{suffix} images are not read",
+                    "convert it to PNG or JPEG",
+                )
+            )
+    for path in files:
+        if path.suffix.lower() in CAPTION_LIKE and path.stem not in stems_with_images:
+            result.findings.append(
+                Finding(
+                    "warning",
+                    "caption",
+                    "orphan-caption",
+                    str(path),
+                    "caption file without an image",
+                    "add the image or delete the caption",
+                )
+            )
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
 
 
 def _item(image: Path, caption_extensions: list[str], repeats: int, findings: list[Finding]) -> DatasetItem:
     for extension in caption_extensions:
         candidate = image.with_suffix(extension)
         if candidate.is_file():
-            try:
-                text = candidate.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError:
-                findings.append(
-                    Finding(
-                        "error",
-                        "caption",
-                        str(candidate),
-                        "caption is not valid UTF-8",
-                        "re-save it as UTF-8",
-                    )
-                )
-                text = ""
-            if not text:
-                findings.append(
-                    Finding(
-                        "warning",
-                        "caption",
-                        str(candidate),
-                        "caption is empty",
-                        "write a caption or delete the file",
-                    )
-                )
-            return DatasetItem(image, text, candidate, repeats)
-    others = [p.name for p in image.parent.glob(image.stem + ".*") if p != image and p.suffix not in IMAGE_EXTENSIONS]
-    fix = f"rename {others[0]} or add its extension to data.caption_extensions" if others else "add a caption file"
-    findings.append(
-        Finding(
-            "warning",
-            "caption",
-            str(image),
-            f"no caption ({'/'.join(caption_extensions)}); trains with an empty one",
-            fix,
+            return DatasetItem(image, _read_caption(candidate, findings), candidate, repeats)
+    others = [image.with_suffix(e) for e in CAPTION_LIKE if e not in caption_extensions]
+    other = next((p for p in others if p.is_file()), None)
+    if other is not None:
+        findings.append(
+            Finding(
+                "warning",
+                "caption",
+                "caption-extension",
+                str(other),
+                f"caption is a {other.suffix} file, but only {'/'.join(caption_extensions)} are read",
+                f"add {other.suffix} to the caption extensions (data.caption_extensions) or rename it",
+            )
         )
-    )
+    else:
+        findings.append(
+            Finding(
+                "warning",
+                "caption",
+                "missing-caption",
+                str(image),
+                f"no caption ({'/'.join(caption_extensions)}); trains with an empty one",
+                "add a caption file",
+            )
+        )
     return DatasetItem(image, "", None, repeats)
+
+
+def _read_caption(path: Path, findings: list[Finding]) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        findings.append(
+            Finding("error", "caption", "not-utf8", str(path), "caption is not valid UTF-8", "re-save it as UTF-8")
+        )
+        return ""
+    if not text:
+        findings.append(
+            Finding(
+                "warning",
+                "caption",
+                "empty-caption",
+                str(path),
+                "caption is empty or only whitespace",
+                "write a caption or delete the file",
+            )
+        )
+    return text
+
+
+def _scan_metadata(folder: Path, result: ScanResult) -> None:
+    metadata = folder / METADATA_FILE
+    for number, line in enumerate(metadata.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{metadata}:{number}"
+        try:
+            record = json.loads(line)
+            name = record["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            result.findings.append(
+                Finding(
+                    "error",
+                    "caption",
+                    "bad-metadata",
+                    where,
+                    "not a JSON object with `file_name`",
+                    'write {"file_name": "a.png", "text": "a caption"} per line',
+                )
+            )
+            continue
+        image = folder / name
+        if not image.is_file():
+            result.findings.append(
+                Finding("error", "file", "missing-image", where, f"{name} does not exist", "fix the file name")
+            )
+            continue
+        caption = next((str(record[k]).strip() for k in METADATA_CAPTION_KEYS if k in record), "")
+        if not caption:
+            result.findings.append(
+                Finding(
+                    "warning",
+                    "caption",
+                    "empty-caption",
+                    where,
+                    "no caption (text) for this image",
+                    'add a "text" field',
+                )
+            )
+        result.items.append(DatasetItem(image, caption, None, 1))

@@ -178,8 +178,9 @@ def test_overfitting_one_batch_lowers_the_loss(write_preset, tmp_path: Path, sha
 
     single = tmp_path / "single"
     single.mkdir()
-    for suffix in (".png", ".txt"):
-        shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{suffix}")
+    for copy in range(5):  # the dataset floor is 5 images; identical copies keep every batch the same
+        for suffix in (".png", ".txt"):
+            shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{copy}{suffix}")
     preset = load_preset(
         write_preset(),
         [
@@ -384,3 +385,30 @@ def test_target_presets_late_blocks_and_conv_rank_in_dry_run(write_preset) -> No
     assert any(m.endswith("ff.net.2") for m in modules) and not any("down_blocks" in m for m in modules)
     too_late = run_cli(str(write_preset()), "--dry-run", "--set", "adapter.late=9")
     assert too_late.returncode == 2 and "adapter.late: 9 is more than the denoiser's 5 blocks" in too_late.stderr
+
+
+def test_trainer_refuses_bad_data_before_loading_and_trains_in_buckets(write_preset, tmp_path: Path, shapes_data: Path):
+    from PIL import Image
+    from rich.console import Console
+
+    from lora_cli.config import load_preset
+    from lora_cli.training.run import train
+    from lora_cli.training.session import prepare_model, scan_dataset
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shapes_data, mixed)
+    for i, size in enumerate([(96, 48), (100, 50), (48, 96)]):  # two landscape, one portrait
+        Image.new("RGB", size, (30 * i, 200, 90)).save(mixed / f"wide{i}.png")
+        (mixed / f"wide{i}.txt").write_text(f"a green rectangle {i}")
+    preset = load_preset(write_preset(), [f"data.folder={mixed}", "train.steps=3"])
+    _, _, data = prepare_model(preset, scan_dataset(preset))
+    assert sorted(set(data.buckets)) == [(40, 88), (64, 64), (88, 40)]  # area <= 64², steps of 8
+    run = train(preset, Console(quiet=True), show_progress=False)
+    assert run.is_file()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shapes_data, broken)
+    (broken / "bad.png").write_bytes((shapes_data / "red_circle_0000.png").read_bytes()[:100])
+    result = run_cli(str(write_preset()), "--set", f"data.folder={broken}", "--set", f"output.dir={tmp_path / 'o'}")
+    assert result.returncode == 2 and "bad.png: cannot be decoded" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,7 +1,6 @@
 """Training data: images to tensors, captions with dropout/tag shuffling, and a resumable batch order.
 
-Batches are drawn within one aspect-ratio bucket; today every image uses the square bucket of
-`data.resolution`, and aspect-ratio buckets only change `bucket_size`.
+Images are trained in aspect-ratio buckets (datasets_tools.buckets); batches are drawn within one bucket.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from datasets_tools.buckets import assign_bucket, bucket_step, make_buckets
+from datasets_tools.images import image_size
 from datasets_tools.scan import DatasetItem, dataset_fingerprint, file_digest
 
 
@@ -46,8 +47,11 @@ class TrainingData:
 
 
 def bucket_size(item: DatasetItem, resolution: int) -> tuple[int, int]:
-    """(width, height) the image is trained at."""
-    return resolution, resolution
+    """(width, height) the image is trained at: its aspect-ratio bucket, never upscaled (the same buckets
+    `lora-check-dataset` reports)."""
+    width, height = image_size(item.image)
+    assignment = assign_bucket(width, height, make_buckets(resolution), bucket_step(resolution))
+    return assignment.width, assignment.height
 
 
 def load_pixels(path: object, size: tuple[int, int]) -> torch.Tensor:

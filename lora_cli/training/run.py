@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datasets_tools.scan import ScanResult
+from datasets_tools.check import Report
 from lora_cli.adapters.injection import InjectedAdapter
 from lora_cli.config import Preset, preset_to_yaml
 from lora_cli.io.adapter_file import save_adapter
@@ -33,8 +33,8 @@ def train(
     from lora_cli.training.resume import find_checkpoint, restore_checkpoint
 
     scan = scan_dataset(preset)
-    for finding in scan.warnings:
-        console.print(f"[yellow]warning[/]: {finding.file}: {finding.reason} ({finding.fix})", highlight=False)
+    for finding in scan.of("warning"):
+        console.print(f"[yellow]warning[/]: {finding.line()}", highlight=False)
     paths = run_paths(preset)
     resuming = resume or resume_from is not None
     if not dry_run:
@@ -77,7 +77,7 @@ def _write_adapter(session: TrainingSession) -> None:
 def _describe_plan(
     console: Console,
     preset: Preset,
-    scan: ScanResult,
+    scan: Report,
     base: LoadedBase,
     adapter: InjectedAdapter,
     data: TrainingData,
@@ -100,7 +100,7 @@ def _describe_plan(
     batches = math.ceil(len(data.entries) / batch)
     console.print(
         f"dataset: {len(scan.items)} images ({uncaptioned} without caption), {len(data.entries)} per epoch "
-        f"with repeats, {batches} batches of {batch} per epoch, {len(scan.warnings)} warnings",
+        f"with repeats, {batches} batches of {batch} per epoch, {scan.count('warning')} warnings",
         highlight=False,
     )
     console.print(f"architecture: {base.identity.architecture}; base fingerprint {base.identity.fingerprint[:16]}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from datasets_tools.scan import ScanResult, scan_folder
+from datasets_tools.check import CheckOptions, Report, check_dataset
 from lora_cli.adapters.injection import InjectedAdapter, inject_adapter
 from lora_cli.config.schema import Preset
 from lora_cli.errors import DatasetError, PresetError
@@ -56,18 +56,23 @@ class TrainingSession:
         return self.micro_step / self.batches_per_epoch
 
 
-def scan_dataset(preset: Preset) -> ScanResult:
-    """Scan the dataset before any model is loaded; errors stop the run with the first one."""
-    result = scan_folder(preset.data.folder, preset.data.caption_extensions)
-    if result.errors:
-        first = result.errors[0]
-        more = f" (+{len(result.errors) - 1} more errors)" if len(result.errors) > 1 else ""
-        raise DatasetError(f"{first.file}: {first.reason}; {first.fix}{more}")
-    return result
+def scan_dataset(preset: Preset) -> Report:
+    """Run the dataset check (as `lora-check-dataset` does) before any model is loaded; errors stop the run
+    with the first one, warnings are the caller's to print."""
+    data = preset.data
+    options = CheckOptions(
+        resolution=data.resolution, caption_extensions=data.caption_extensions, batch_size=preset.train.batch_size
+    )
+    report = check_dataset(data.folder, options)
+    errors = report.of("error")
+    if errors:
+        more = f" (+{len(errors) - 1} more; run lora-check-dataset {data.folder})" if len(errors) > 1 else ""
+        raise DatasetError(f"{errors[0].line()}{more}")
+    return report
 
 
 def prepare_model(
-    preset: Preset, scan: ScanResult, generate_prior: bool = True
+    preset: Preset, scan: Report, generate_prior: bool = True
 ) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
     """Load the frozen base, gather prior images (drawn by the base before any adapter exists), inject the
     adapter and index the data. Shared by training and --dry-run (which generates nothing)."""
