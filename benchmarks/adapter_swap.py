@@ -6,7 +6,11 @@ Conv2d of the UNet (LoRA, LoHa and LoKr in turn), then times, on one thread:
 - one switch with lora-sample's weight patcher (restore the base weights, apply the next adapter).
 Target: a switch costs <= 1% of a pipeline load.
 
-Run: `python benchmarks/adapter_swap.py [--adapters 6] [--repeats 5] [--base builtin:shapes]`
+`--sd15` builds a random-weights pipeline of SD1.5's shapes (860M-parameter UNet, CLIP-L-sized text
+encoder, SD VAE) to measure at the size users load; `--targets attention` adapts only the attention
+projections (the common LoRA), `full` every Linear and Conv2d.
+
+Run: `python benchmarks/adapter_swap.py [--adapters 6] [--repeats 5] [--base builtin:shapes | --sd15] [--targets full]`
 """
 
 from __future__ import annotations
@@ -27,18 +31,43 @@ def load_pipeline(base_path: str):
     return base, base.architecture.build_pipeline(base)
 
 
-def random_adapter(base, kind: str, path: Path, seed: int) -> None:
+def build_sd15_shaped(folder: Path) -> str:
+    """Random weights in SD1.5's shapes, saved as a diffusers folder (a few GB; about a minute)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, clip_text_encoder, save_sd_pipeline, write_clip_tokenizer
+
+    write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, max_length=77)
+    save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
+    return str(folder)
+
+
+def random_adapter(base, kind: str, path: Path, seed: int, targets: str) -> None:
     """A trained-looking adapter: peft layers injected with random weights, saved like lora-train does."""
     import torch
 
     from lora_cli.adapters.injection import inject_spec
     from lora_cli.adapters.registry import AdapterSpec
-    from lora_cli.adapters.targets import adaptable_module_names
+    from lora_cli.adapters.targets import resolve_targets
     from lora_cli.io.adapter_file import save_adapter
 
     unet = type(base.denoiser).from_config(base.denoiser.config)  # a scratch copy; the base stays clean
-    targets = {"unet": adaptable_module_names(unet)}
-    adapter = inject_spec({"unet": unet}, AdapterSpec(kind, 8, 4.0), targets, seed=seed)
+    patterns = base.architecture.target_presets[targets]
+    targets_by_component = {"unet": resolve_targets(unet, patterns, "benchmark")}
+    adapter = inject_spec({"unet": unet}, AdapterSpec(kind, 8, 4.0), targets_by_component, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for param in adapter.parameters("unet"):
         param.data = 0.01 * torch.randn(param.shape, generator=generator)
@@ -51,6 +80,8 @@ def main() -> None:
     parser.add_argument("--base", default="builtin:shapes")
     parser.add_argument("--adapters", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sd15", action="store_true", help="measure on a random SD1.5-shaped pipeline")
+    parser.add_argument("--targets", choices=["attention", "full"], default="full")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -58,6 +89,9 @@ def main() -> None:
     from lora_cli.sampling.patcher import WeightPatcher
 
     torch.set_num_threads(1)
+    scratch = tempfile.TemporaryDirectory()
+    if args.sd15:
+        args.base = build_sd15_shaped(Path(scratch.name) / "sd15-shaped")
     load_pipeline(args.base)  # warm imports and file caches, as a long-running sampler would be
     loads = []
     for _ in range(args.repeats):
@@ -68,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"adapter{i}.safetensors" for i in range(args.adapters)]
         for i, path in enumerate(paths):
-            random_adapter(base, kinds[i % len(kinds)], path, seed=i)
+            random_adapter(base, kinds[i % len(kinds)], path, seed=i, targets=args.targets)
         patcher = WeightPatcher(base.trainable_components(), base.architecture.kohya_table)
         files = [patcher.read(path) for path in paths]
         switches = []
@@ -86,6 +120,7 @@ def main() -> None:
     print(f"pipeline load (reload per adapter): {load * 1000:8.1f} ms (median of {args.repeats})")
     print(f"adapter switch (weight patching):   {switch * 1000:8.1f} ms (median of {len(switches)})")
     print(f"switch / load: {100 * switch / load:.2f}% (target <= 1%)")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
