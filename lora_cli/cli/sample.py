@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lora_cli.cli.errors import run_app
+from lora_cli.cli.options import parse_adapter
 from lora_cli.errors import LoraCliError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -84,21 +85,6 @@ def sample(
     console = Console(stderr=True)
     written = run_sampling(request, console)
     console.print(f"{len(written) - 1} images and {written[-1]} written", highlight=False)
-
-
-def parse_adapter(spec: str) -> tuple[Path, float]:
-    """FILE or FILE:SCALE; the file must exist."""
-    path_text, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and not tail.endswith((".safetensors", "/")):
-        try:
-            path_text, scale = head, float(tail)
-        except ValueError:
-            raise LoraCliError(f"--adapter {spec}: the scale after ':' must be a number, e.g. {head}:0.8") from None
-    path = Path(path_text)
-    if not path.is_file():
-        raise LoraCliError(f"--adapter {path}: file not found")
-    return path, scale
 
 
 def parse_scales(text: str) -> list[float]:

@@ -48,20 +48,24 @@ def save_adapter(
 
 
 def read_adapter(
-    path: str | Path, kohya_index: dict[str, ModuleKey]
+    path: str | Path, kohya_index: dict[str, ModuleKey], unmatched: list[str] | None = None
 ) -> tuple[AdapterAlgorithm, AdapterTensors, dict[str, str]]:
     """Read an adapter in either layout: its algorithm (from the tensor names), tensors in the internal
-    namespace (alpha restored for diffusers files) and metadata."""
+    namespace (alpha restored for diffusers files) and metadata. Layers matching nothing in the base are an
+    error unless `unmatched` is given to collect them."""
     flat, metadata = load_tensors(path, AdapterError)
     if not flat:
         raise AdapterError(f"{path}: the file holds no tensors")
     if any(key.startswith("lora_") for key in flat):
-        tensors = from_kohya(flat, kohya_index, str(path))
+        tensors = from_kohya(flat, kohya_index, str(path), unmatched)
         names = {name for named in tensors.values() for name in named}
+        if not tensors:
+            raise AdapterError(f"{path}: no adapter layer matches this base")
         return detect_algorithm(names, str(path)), tensors, metadata
     algorithm = get_algorithm("lora")  # the diffusers/peft layout holds LoRA/LoCon only
-    components = {component for component, _ in kohya_index.values()}
-    tensors = from_diffusers(flat, algorithm.tensor_names, components, str(path))
+    tensors = from_diffusers(flat, algorithm.tensor_names, set(kohya_index.values()), str(path), unmatched)
+    if not tensors:
+        raise AdapterError(f"{path}: no adapter layer matches this base")
     _restore_alpha(tensors, metadata)
     return algorithm, tensors, metadata
 

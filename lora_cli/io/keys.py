@@ -42,23 +42,36 @@ def to_kohya(tensors: AdapterTensors, table: KohyaTable) -> dict[str, torch.Tens
     return flat
 
 
-def from_kohya(flat: dict[str, torch.Tensor], module_index: dict[str, ModuleKey], source: str) -> AdapterTensors:
-    """Inverse of `to_kohya`, given `{kohya_stem: (component, module)}` built from the base's layers."""
+def from_kohya(
+    flat: dict[str, torch.Tensor],
+    module_index: dict[str, ModuleKey],
+    source: str,
+    unmatched: list[str] | None = None,
+) -> AdapterTensors:
+    """Inverse of `to_kohya`, given `{kohya_stem: (component, module)}` built from the base's layers.
+    Layers that match nothing are an error, unless an `unmatched` list is given to collect them."""
     tensors: AdapterTensors = {}
-    unmatched = []
+    missing: list[str] = []
     for key, value in flat.items():
         stem, _, name = key.partition(".")
         if stem not in module_index:
-            unmatched.append(stem)
+            missing.append(stem)
             continue
         named = tensors.setdefault(module_index[stem], {})
         if name in named:
             raise AdapterError(f"{source}: tensor {key} appears twice")
         named[name] = value
-    if unmatched:
-        raise AdapterError(
-            f"{source}: {len(set(unmatched))} adapter layer(s) match nothing in the base, e.g. {sorted(unmatched)[0]}"
-        )
+    return _check_unmatched(tensors, sorted(set(missing)), source, unmatched)
+
+
+def _check_unmatched(
+    tensors: AdapterTensors, missing: list[str], source: str, unmatched: list[str] | None
+) -> AdapterTensors:
+    if missing and unmatched is None:
+        shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise AdapterError(f"{source}: {len(missing)} adapter layer(s) match nothing in the base, e.g. {shown}")
+    if unmatched is not None:
+        unmatched.extend(missing)
     return tensors
 
 
@@ -80,21 +93,31 @@ def to_diffusers(tensors: AdapterTensors, peft_names: dict[str, str]) -> dict[st
 
 
 def from_diffusers(
-    flat: dict[str, torch.Tensor], file_names: dict[str, str], components: set[str], source: str
+    flat: dict[str, torch.Tensor],
+    file_names: dict[str, str],
+    modules: set[ModuleKey],
+    source: str,
+    unmatched: list[str] | None = None,
 ) -> AdapterTensors:
-    """Inverse of `to_diffusers` (without alpha): `file_names` maps peft tensor suffixes to internal names."""
+    """Inverse of `to_diffusers` (without alpha): `file_names` maps peft tensor suffixes to internal names;
+    `modules` are the base's (component, module) pairs."""
     tensors: AdapterTensors = {}
+    components = {component for component, _ in modules}
+    missing: list[str] = []
     for key, value in flat.items():
         component, _, rest = key.partition(".")
         suffix = next((s for s in file_names if rest.endswith("." + s)), None)
         if component not in components or suffix is None:
             raise AdapterError(f"{source}: unrecognised diffusers adapter key {key}")
         module = rest[: -len(suffix) - 1]
+        if (component, module) not in modules:
+            missing.append(f"{component}.{module}")
+            continue
         named = tensors.setdefault((component, module), {})
         if file_names[suffix] in named:
             raise AdapterError(f"{source}: tensor {key} appears twice")
         named[file_names[suffix]] = value
-    return tensors
+    return _check_unmatched(tensors, sorted(set(missing)), source, unmatched)
 
 
 def _put(flat: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

@@ -1,0 +1,158 @@
+"""`lora-merge`: merged weights against independent computations, diffusers' fuse_lora and lora-sample."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_cli.merging import merge_adapters
+from lora_cli.sampling.run import SampleRequest, run_sampling
+
+
+def merge_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from lora_cli.cli.merge import main; main()", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_sd: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from lora_cli.config import validate_preset
+    from lora_cli.training.run import train
+
+    folder = tmp_path_factory.mktemp("merge-adapters")
+    made = {}
+    for kind, extra in {
+        "lora": {},
+        "locon": {"conv_rank": 2, "conv_alpha": 1},
+        "loha": {},
+        "lokr": {},
+        "dora": {},
+    }.items():
+        adapter = {"type": "lora" if kind == "dora" else kind, "rank": 4, "alpha": 2, "dora": kind == "dora", **extra}
+        raw = {
+            "model": {"path": str(tiny_sd)},
+            "data": {"folder": str(shapes_data), "resolution": 64},
+            "adapter": adapter,
+            "train": {"steps": 2, "learning_rate": 3e-2, "batch_size": 2},
+            "output": {"dir": str(folder / kind), "name": kind},
+        }
+        made[kind] = train(validate_preset(raw, kind), Console(quiet=True), show_progress=False)
+    return made
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_lora_merge_equals_diffusers_fuse_lora(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    for kind in ("lora", "locon"):
+        out = tmp_path / kind
+        result = merge_adapters(tiny_sd, [(adapters[kind], 1.0)], out)
+        assert result.merged_layers > 0
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+        pipe.load_lora_weights(str(adapters[kind]))
+        pipe.fuse_lora()
+        fused = {f"{n}": p for n, p in pipe.unet.named_parameters() if n.endswith(".weight")}
+        merged = unet_weights(out)
+        changed = 0
+        for name, value in merged.items():
+            reference = fused.get(name.replace(".weight", ".base_layer.weight"), fused.get(name))
+            if reference is None:
+                continue
+            torch.testing.assert_close(value, reference.detach(), rtol=1e-5, atol=1e-6)
+            changed += not torch.equal(value, unet_weights(tiny_sd)[name])
+        assert changed == result.merged_layers
+
+
+def test_several_adapters_with_weights_any_algorithm(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    from lora_cli.adapters.functional import delta_weight
+    from lora_cli.io.adapter_file import read_adapter
+    from lora_cli.io.keys import kohya_module_index
+    from lora_cli.models.stable_diffusion import StableDiffusion
+
+    base = unet_weights(tiny_sd)
+    out = tmp_path / "several"
+    merge_adapters(tiny_sd, [(adapters["loha"], 0.5), (adapters["lokr"], -0.7)], out)
+    merged = unet_weights(out)
+    modules = sorted({k[: -len(".weight")] for k in base if k.endswith(".weight")})
+    index = kohya_module_index({"unet": modules}, StableDiffusion.kohya_table)
+    expected = {k: v.clone() for k, v in base.items()}
+    for path, weight in ((adapters["loha"], 0.5), (adapters["lokr"], -0.7)):
+        _, tensors, _ = read_adapter(path, index)
+        for (_, module), named in tensors.items():
+            key = f"{module}.weight"
+            expected[key] = expected[key] + weight * delta_weight(named, base[key].shape)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
+        record = json.loads(handle.metadata()["lora_cli.merged"])
+    assert [(r["file"], r["weight"]) for r in record] == [("loha.safetensors", 0.5), ("lokr.safetensors", -0.7)]
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file() and (out / "tokenizer").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha"])
+def test_merged_model_draws_what_base_plus_adapter_draws(kind, tiny_sd: Path, adapters, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    merge_adapters(tiny_sd, [(adapters[kind], 1.0)], merged)
+    console = Console(quiet=True)
+    common = {"prompts": ["a yellow star"], "steps": 3, "size": 64, "seed": 3}
+    with_adapter = run_sampling(
+        SampleRequest(base=str(tiny_sd), out=tmp_path / "a", adapters=[(adapters[kind], 1.0)], **common), console
+    )
+    from_merged = run_sampling(SampleRequest(base=str(merged), out=tmp_path / "b", **common), console)
+    a = np.asarray(Image.open(with_adapter[0]), dtype=np.int16)
+    b = np.asarray(Image.open(from_merged[0]), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # identical float32 weights; at most 8-bit rounding differs
+
+
+def test_merge_errors_are_one_line(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    stray = tmp_path / "stray.safetensors"
+    save_file(
+        {
+            "lora_unet_nowhere.lora_down.weight": torch.zeros(2, 2),
+            "lora_unet_nowhere.lora_up.weight": torch.zeros(2, 2),
+        },
+        str(stray),
+    )
+    huge = tmp_path / "huge.safetensors"
+    tensors = load_file(str(adapters["lora"]))
+    save_file({k: v * 1e38 if "lora_up" in k else v for k, v in tensors.items()}, str(huge))
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04junk")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(Path(adapters["lora"]).read_bytes()[:-50])
+    cases = [
+        ([str(tiny_sd), str(stray), str(tmp_path / "o1")], "match nothing in the base, e.g. lora_unet_nowhere"),
+        ([str(tiny_sd), f"{huge}:1e10", str(tmp_path / "o2")], "non-finite"),
+        (
+            [str(tmp_path / "model.ckpt"), str(adapters["lora"]), str(tmp_path / "o3")],
+            "pickle-based checkpoints can run code",
+        ),
+        ([str(tiny_sd), str(cut), str(tmp_path / "o4")], "damaged safetensors"),
+        ([str(tiny_sd), str(adapters["lora"]), str(tiny_sd)], "already exists"),
+        ([str(tiny_sd), str(adapters["lora"])], "usage: lora-merge BASE"),
+    ]
+    for args, message in cases:
+        result = merge_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr, result.stderr
+        assert not any(p.name.startswith(".o") for p in tmp_path.iterdir()), "temporary output left behind"
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({**tensors, **load_file(str(stray))}, str(mixed))
+    refused = merge_cli(str(tiny_sd), str(mixed), str(tmp_path / "o5"))
+    assert refused.returncode == 2 and "1 adapter layer(s) match nothing" in refused.stderr
+    partial = merge_cli(str(tiny_sd), str(mixed), str(tmp_path / "o5"), "--allow-partial")
+    assert partial.returncode == 0 and "1 layer(s) matched nothing and were skipped" in partial.stderr
+    nothing = merge_cli(str(tiny_sd), str(stray), str(tmp_path / "o6"), "--allow-partial")
+    assert nothing.returncode == 2 and "no adapter layer matches this base" in nothing.stderr
