@@ -156,3 +156,31 @@ def test_merge_errors_are_one_line(tiny_sd: Path, adapters: dict[str, Path], tmp
     assert partial.returncode == 0 and "1 layer(s) matched nothing and were skipped" in partial.stderr
     nothing = merge_cli(str(tiny_sd), str(stray), str(tmp_path / "o6"), "--allow-partial")
     assert nothing.returncode == 2 and "no adapter layer matches this base" in nothing.stderr
+
+
+def test_stacked_mixed_algorithms_match_merging_both(tiny_sd: Path, adapters, tmp_path: Path) -> None:
+    """A LoRA and a LoHa together (weight patching, since peft cannot mix them on a layer) vs. merging both."""
+    from lora_cli.sampling.patcher import WeightPatcher
+    from lora_cli.sampling.switcher import BypassSwitcher, make_switcher
+
+    components = {"unet": torch.nn.Module()}
+    pair = [adapters["lora"], adapters["loha"]]
+    assert isinstance(make_switcher(components, {}, pair), WeightPatcher)
+    assert isinstance(make_switcher(components, {}, [adapters["lora"], adapters["dora"]]), WeightPatcher)
+    assert isinstance(make_switcher(components, {}, [adapters["lora"]]), BypassSwitcher)
+
+    merged = tmp_path / "merged"
+    merge_adapters(tiny_sd, [(adapters["lora"], 0.7), (adapters["loha"], 0.5)], merged)
+    common = {"prompts": ["a red circle"], "steps": 3, "size": 64, "seed": 5}
+    console = Console(quiet=True)
+    stacked = run_sampling(
+        SampleRequest(
+            base=str(tiny_sd), out=tmp_path / "a", adapters=[(pair[0], 0.7), (pair[1], 0.5)], stack=True, **common
+        ),
+        console,
+    )
+    from_merged = run_sampling(SampleRequest(base=str(merged), out=tmp_path / "b", **common), console)
+    difference = np.abs(
+        np.asarray(Image.open(stacked[0]), dtype=np.int16) - np.asarray(Image.open(from_merged[0]), dtype=np.int16)
+    )
+    assert difference.max() <= 1

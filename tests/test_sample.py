@@ -65,8 +65,8 @@ def test_seeds_scales_grid_and_metadata(tiny_sd: Path, adapters: dict[str, Path]
     assert np.abs(pixels(base) - pixels(one)).max() > 3, "scale 1 must change the image"
     assert not np.array_equal(pixels(base), pixels(by_name["001-00-base-seed8.png"])), "different seeds"
 
-    again = run_sampling(request(tiny_sd, tmp_path / "b", adapters=[(lora, 1.0)]), console)
-    assert np.array_equal(pixels(again[0]), pixels(one)), "the same seed draws the same image"
+    again = run_sampling(request(tiny_sd, tmp_path / "b", adapters=[(lora, 1.0)], images_per_prompt=2), console)
+    assert np.array_equal(pixels(again[0]), pixels(one)), "the same seeds draw the same images"
 
     params = read_png_parameters(one)
     assert params["seed"] == 7 and params["prompt"] == "a yellow star" and params["steps"] == 3
@@ -132,3 +132,45 @@ def test_sample_errors_are_one_line(tiny_sd: Path, adapters: dict[str, Path], tm
         result = sample_cli(*args, *extra)
         assert result.returncode == 2, (extra, result.stderr)
         assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_bypass_switching_between_adapters_matches_weight_patching(
+    tiny_sd: Path, shapes_data: Path, adapters, tmp_path
+):
+    """Two adapters of one algorithm are injected side by side and switched; each column must equal what
+    the weight patcher (exact merged weights) draws, and scale 0 / the base column the plain base."""
+    from lora_cli.config import validate_preset
+    from lora_cli.sampling.patcher import WeightPatcher
+    from lora_cli.sampling.switcher import BypassSwitcher, make_switcher
+    from lora_cli.training.run import train
+
+    raw = {
+        "model": {"path": str(tiny_sd)},
+        "data": {"folder": str(shapes_data), "resolution": 64},
+        "adapter": {"rank": 2, "targets": "attention_ff"},
+        "train": {"steps": 2, "learning_rate": 3e-2, "batch_size": 2, "seed": 9},
+        "output": {"dir": str(tmp_path / "second"), "name": "second"},
+    }
+    second = train(validate_preset(raw, "second"), Console(quiet=True), show_progress=False)
+    pair = [(adapters["lora"], 0.8), (second, 1.0)]
+    assert isinstance(make_switcher({}, {}, [p for p, _ in pair]), BypassSwitcher)
+    assert isinstance(make_switcher({}, {}, [adapters["lora"], adapters["loha"]]), WeightPatcher)
+    common = {"scales": [0.0, 0.8], "compare": True, "images_per_prompt": 2}
+    switched = run_sampling(request(tiny_sd, tmp_path / "bypass", adapters=pair, **common), Console(quiet=True))
+
+    import lora_cli.sampling.run as sampling_run
+
+    original = sampling_run.make_switcher
+    sampling_run.make_switcher = lambda components, table, paths: WeightPatcher(components, table)
+    try:
+        patched = run_sampling(request(tiny_sd, tmp_path / "patch", adapters=pair, **common), Console(quiet=True))
+    finally:
+        sampling_run.make_switcher = original
+    assert [p.name for p in switched] == [p.name for p in patched]
+    for a, b in zip(switched[:-1], patched[:-1], strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1, a.name
+    by_name = {p.name: p for p in switched}
+    assert np.array_equal(pixels(by_name["000-00-base-seed7.png"]), pixels(by_name["000-01-lora@0-seed7.png"]))
+    assert (
+        np.abs(pixels(by_name["000-02-lora@0.8-seed7.png"]) - pixels(by_name["000-04-second@0.8-seed7.png"])).max() > 3
+    )

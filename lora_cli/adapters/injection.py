@@ -23,6 +23,7 @@ class InjectedAdapter:
     spec: AdapterSpec
     components: dict[str, nn.Module]
     targets: dict[str, list[str]]
+    name: str = "default"  # peft adapter name: several adapters can live in one model
 
     def parameters(self, component: str) -> list[nn.Parameter]:
         return [p for p in self.components[component].parameters() if p.requires_grad]
@@ -36,7 +37,7 @@ class InjectedAdapter:
 
         result: AdapterTensors = {}
         for component, model in self.components.items():
-            for key, value in get_peft_model_state_dict(model).items():
+            for key, value in get_peft_model_state_dict(model, adapter_name=self.name).items():
                 module, file_name = _split_peft_key(key, self.algorithm)
                 alpha = torch.tensor(self.spec.alpha_of(module), dtype=torch.float32)
                 result.setdefault((component, module), {"alpha": alpha})[file_name] = value.detach().clone()
@@ -60,7 +61,7 @@ class InjectedAdapter:
             )
         peft_names = {file: peft for peft, file in self.algorithm.tensor_names.items()}
         for component, model in self.components.items():
-            own = _peft_state_shapes(model)
+            own = _peft_state_shapes(model, self.name)
             state = {}
             for (comp, module), named in tensors.items():
                 if comp != component:
@@ -71,9 +72,12 @@ class InjectedAdapter:
                     key = f"{module}.{peft_names[name]}"
                     if key not in own or own[key].numel() != value.numel():
                         got = tuple(value.shape)
-                        raise AdapterError(f"{source}: {module}.{name} has shape {got}, the layer needs {own.get(key)}")
+                        needs = tuple(own[key]) if key in own else None
+                        raise AdapterError(
+                            f"{source}: layer {module} does not fit this base ({name} is {got}, layer needs {needs})"
+                        )
                     state[key] = value.reshape(own[key])
-            result = set_peft_model_state_dict(model, state)
+            result = set_peft_model_state_dict(model, state, adapter_name=self.name)
             if result.unexpected_keys:
                 raise AdapterError(f"{source}: tensors that fit no layer, e.g. {result.unexpected_keys[0]}")
 
@@ -119,13 +123,17 @@ def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> Inje
 
 
 def inject_spec(
-    components: dict[str, nn.Module], spec: AdapterSpec, targets: dict[str, list[str]], seed: int
+    components: dict[str, nn.Module],
+    spec: AdapterSpec,
+    targets: dict[str, list[str]],
+    seed: int,
+    name: str = "default",
 ) -> InjectedAdapter:
-    """Inject `spec` into the named modules of each component (any nn.Module, not only a pipeline's)."""
+    """Inject `spec` as adapter `name` into the named modules of each component (any nn.Module)."""
     from peft import inject_adapter_in_model
 
     algorithm = get_algorithm(spec.algorithm)
-    base_parameters = [p for c in targets for p in components[c].parameters()]
+    base_parameters = [p for c in targets for n, p in components[c].named_parameters() if not _is_adapter_parameter(n)]
     torch.manual_seed(seed)  # adapter initialisation is part of the run's reproducibility
     for component, names in targets.items():
         model = components[component]
@@ -134,11 +142,11 @@ def inject_spec(
             rank_pattern={m: r for m, r in spec.rank_pattern.items() if m in names},
             alpha_pattern={m: a for m, a in spec.alpha_pattern.items() if m in names},
         )
-        inject_adapter_in_model(algorithm.peft_config(component_spec, names), model)
+        inject_adapter_in_model(algorithm.peft_config(component_spec, names), model, adapter_name=name)
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    adapter = InjectedAdapter(algorithm, spec, {c: components[c] for c in targets}, targets)
+    adapter = InjectedAdapter(algorithm, spec, {c: components[c] for c in targets}, targets, name)
     if adapter.trainable_count() == 0:
         raise AdapterError("adapter: no trainable parameters were created; check adapter.targets")
     if any(p.requires_grad for p in base_parameters):
@@ -146,10 +154,14 @@ def inject_spec(
     return adapter
 
 
-def _peft_state_shapes(model: nn.Module) -> dict[str, torch.Size]:
+def _peft_state_shapes(model: nn.Module, name: str) -> dict[str, torch.Size]:
     from peft import get_peft_model_state_dict
 
-    return {key: value.shape for key, value in get_peft_model_state_dict(model).items()}
+    return {key: value.shape for key, value in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    return any(f".{prefix}" in name for prefix in ("lora_", "hada_", "lokr_"))
 
 
 def _split_peft_key(key: str, algorithm: AdapterAlgorithm) -> tuple[str, str]:

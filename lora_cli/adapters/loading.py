@@ -31,15 +31,17 @@ def spec_from_tensors(algorithm: AdapterAlgorithm, tensors: AdapterTensors) -> A
     )
 
 
-def load_adapter_file(components: dict[str, nn.Module], table: KohyaTable, path: str | Path) -> InjectedAdapter:
-    """Inject the file's adapter into `components` (frozen, ready for inference) and return it."""
+def load_adapter_file(
+    components: dict[str, nn.Module], table: KohyaTable, path: str | Path, name: str = "default"
+) -> InjectedAdapter:
+    """Inject the file's adapter into `components` as adapter `name` (frozen, for inference) and return it."""
     index = kohya_module_index({c: adaptable_module_names(m) for c, m in components.items()}, table)
     algorithm, tensors, _ = read_adapter(path, index)
     spec = spec_from_tensors(algorithm, tensors)
     targets: dict[str, list[str]] = {}
     for component, module in tensors:
         targets.setdefault(component, []).append(module)
-    adapter = inject_spec(components, spec, targets, seed=0)
+    adapter = inject_spec(components, spec, targets, seed=0, name=name)
     adapter.load_tensors(tensors, str(path))
     for model in adapter.components.values():
         model.requires_grad_(False)

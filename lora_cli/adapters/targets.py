@@ -14,8 +14,19 @@ ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
-    """Names of the layers an adapter can wrap (Linear and Conv2d)."""
-    return [name for name, module in model.named_modules() if isinstance(module, ADAPTABLE_LAYERS)]
+    """Names of the layers an adapter can wrap (Linear and Conv2d), also when an adapter already wraps them
+    (a peft layer counts under its own name; its base layer and adapter weights do not count)."""
+    names: list[str] = []
+    wrapped: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if wrapped and name.startswith(wrapped):
+            continue
+        if hasattr(module, "get_base_layer") and isinstance(module.get_base_layer(), ADAPTABLE_LAYERS):
+            names.append(name)
+            wrapped = (*wrapped, name + ".")
+        elif isinstance(module, ADAPTABLE_LAYERS):
+            names.append(name)
+    return names
 
 
 def pattern_matches(pattern: str, name: str) -> bool:

@@ -13,9 +13,10 @@ from lora_cli.config.schema import ModelSection
 from lora_cli.errors import OutputExistsError
 from lora_cli.io.atomic import write_with
 from lora_cli.sampling import generate_images, image_grid
-from lora_cli.sampling.patcher import AdapterFile, WeightPatcher
+from lora_cli.sampling.patcher import AdapterFile
 from lora_cli.sampling.png import save_png
 from lora_cli.sampling.schedulers import make_scheduler
+from lora_cli.sampling.switcher import make_switcher
 
 
 @dataclass
@@ -83,8 +84,10 @@ def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
         module.to(device)
     base.pipeline_extras["scheduler"] = make_scheduler(request.scheduler, base.pipeline_extras["scheduler"])
     pipeline = base.architecture.build_pipeline(base)
-    patcher = WeightPatcher(base.trainable_components(), base.architecture.kohya_table)
-    files = [patcher.read(path) for path, _ in request.adapters]
+    switcher = make_switcher(
+        base.trainable_components(), base.architecture.kohya_table, [path for path, _ in request.adapters]
+    )
+    files = [switcher.read(path) for path, _ in request.adapters]
     size = request.size or _native_size(base)
     rows = [(prompt, request.seed + i) for prompt in request.prompts for i in range(request.images_per_prompt)]
     columns = plan_columns(request, files)
@@ -96,7 +99,7 @@ def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sampling", total=len(rows) * len(columns))
         for number, column in enumerate(columns):
-            patcher.apply(column.active)
+            switcher.apply(column.active)
             images = generate_images(
                 pipeline,
                 [prompt for prompt, _ in rows],
@@ -113,7 +116,7 @@ def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
                 save_png(image, path, params)
                 written.append(path)
                 grid_cells[row].append(image)
-    patcher.restore()
+    switcher.restore()
     labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
     grid = image_grid(grid_cells, labels, [column.label for column in columns])
     write_with(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
