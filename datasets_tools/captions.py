@@ -33,13 +33,14 @@ def caption_findings(
                 )
             )
     for item in captioned:
+        where = str(item.caption_file or item.image)
         if trigger and not re.search(rf"\b{re.escape(trigger)}\b", item.caption, flags=re.IGNORECASE):
             findings.append(
                 Finding(
                     "warning",
                     "caption",
                     "trigger-missing",
-                    str(item.caption_file),
+                    where,
                     f"no trigger word `{trigger}`",
                     f"add `{trigger}` to the caption",
                 )
@@ -52,7 +53,7 @@ def caption_findings(
                         "warning",
                         "caption",
                         "too-long",
-                        str(item.caption_file),
+                        where,
                         f"{tokens} tokens; the text encoder reads {max_tokens}, the rest is cut",
                         "shorten the caption or move key words to the front",
                     )

@@ -184,7 +184,7 @@ def _describe(image: Image.Image, path: Path, info: ImageInfo, resolution: int) 
                 "pixels",
                 "small",
                 str(path),
-                f"{width}x{height} is smaller than the training resolution {resolution} (would be upscaled)",
+                f"{width}x{height} is smaller than the training resolution {resolution} (it trains at a smaller size)",
                 "use a larger original or a lower data.resolution",
             )
         )

@@ -187,6 +187,18 @@ def _read_caption(path: Path, findings: list[Finding]) -> str:
             Finding("error", "caption", "not-utf8", str(path), "caption is not valid UTF-8", "re-save it as UTF-8")
         )
         return ""
+    except OSError as exc:
+        findings.append(
+            Finding(
+                "error",
+                "caption",
+                "unreadable-caption",
+                str(path),
+                f"cannot be read ({exc.strerror})",
+                "check the file's permissions, or re-create it",
+            )
+        )
+        return ""
     if not text:
         findings.append(
             Finding(
@@ -210,6 +222,8 @@ def _scan_metadata(folder: Path, result: ScanResult) -> None:
         try:
             record = json.loads(line)
             name = record["file_name"]
+            if not isinstance(name, str):
+                raise TypeError(name)
         except (json.JSONDecodeError, KeyError, TypeError):
             result.findings.append(
                 Finding(

@@ -83,3 +83,19 @@ def test_damaged_and_pickle_adapters_are_refused(tmp_path) -> None:
         read_adapter(garbage, index)
     with pytest.raises(AdapterError, match="pickle"):
         read_adapter(tmp_path / "old.ckpt", index)
+
+
+def test_diffusers_layout_records_dora_for_diffusers_loader(tmp_path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    adapter = constant_adapter()
+    for named in adapter.values():
+        named["dora_scale"] = torch.ones(8)
+    path = tmp_path / "dora.safetensors"
+    save_adapter(path, adapter, RANKS, get_algorithm("lora"), "diffusers", PREFIXES, {})
+    with safe_open(str(path), "pt") as handle:
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+        assert "unet.mid_block.resnets.0.conv1.lora_magnitude_vector" in handle.keys()
+    assert config["unet.use_dora"] is True and config["text_encoder.use_dora"] is True

@@ -306,13 +306,13 @@ def test_epochs_bf16_autocast_and_divergence(write_preset, tmp_path: Path) -> No
     from lora_cli.config import load_preset
     from lora_cli.training.session import build_session, prepare_model, run_paths, scan_dataset
 
-    # 6 images, repeats 2, batch 4 -> 3 batches per epoch; accumulation 2 -> 2 steps per epoch.
+    # 6 images, repeats 2, batch 4 -> 3 batches per epoch; 3 epochs = 9 batches = 5 steps of 2 (the last short).
     preset = load_preset(
         write_preset(),
         ["train.steps=null", "train.epochs=3", "data.repeats=2", "train.batch_size=4", "train.gradient_accumulation=2"],
     )
     session = build_session(preset, run_paths(preset), *prepare_model(preset, scan_dataset(preset)))
-    assert (session.batches_per_epoch, session.total_steps) == (3, 6)
+    assert (session.batches_per_epoch, session.total_steps) == (3, 5)
 
     bf16 = run_cli(str(write_preset()), "--set", "train.mixed_precision=bf16", "--no-progress")
     assert bf16.returncode == 0, bf16.stderr
@@ -412,3 +412,38 @@ def test_trainer_refuses_bad_data_before_loading_and_trains_in_buckets(write_pre
     result = run_cli(str(write_preset()), "--set", f"data.folder={broken}", "--set", f"output.dir={tmp_path / 'o'}")
     assert result.returncode == 2 and "bad.png: cannot be decoded" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_half_precision_base_resume_guard_and_incomplete_files(write_preset, tmp_path: Path, tiny_sd: Path) -> None:
+    from rich.console import Console
+    from safetensors.torch import save_file
+
+    from lora_cli.config import load_preset
+    from lora_cli.errors import AdapterError, CheckpointError
+    from lora_cli.io.adapter_file import read_adapter
+    from lora_cli.io.keys import kohya_module_index
+    from lora_cli.models.stable_diffusion import StableDiffusion
+    from lora_cli.training.run import train
+
+    console = Console(quiet=True)
+    # A frozen base stored in bfloat16 trains without autocast (inputs follow the base's dtype).
+    half = train(load_preset(write_preset(), ["model.dtype=bfloat16", "train.steps=2"]), console, show_progress=False)
+    assert half.is_file()
+
+    overrides = ["train.steps=4", "output.save_every=2", f"output.dir={tmp_path / 'guarded'}"]
+    train(load_preset(write_preset(), overrides), console, show_progress=False)
+    checkpoint = tmp_path / "guarded" / "checkpoints" / "step-000002"
+    changed = load_preset(write_preset(), [*overrides, "train.batch_size=1", f"output.dir={tmp_path / 'g2'}"])
+    with pytest.raises(CheckpointError, match="different `train` settings \\(train.batch_size\\)"):
+        train(changed, console, resume_from=checkpoint, show_progress=False)
+    longer = load_preset(write_preset(), [*overrides, "train.steps=6", f"output.dir={tmp_path / 'g3'}"])
+    assert train(longer, console, resume_from=checkpoint, show_progress=False).is_file()
+
+    tensors = load_file(half)
+    broken = tmp_path / "incomplete.safetensors"
+    save_file(
+        {k: v for k, v in tensors.items() if not k.endswith("lora_up.weight") or "mid_block" not in k}, str(broken)
+    )
+    unet = [k.removesuffix(".weight") for k in load_file(str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"))]
+    with pytest.raises(AdapterError, match="is incomplete \\(has only alpha, lora_down.weight\\)"):
+        read_adapter(broken, kohya_module_index({"unet": unet}, StableDiffusion.kohya_table))

@@ -27,5 +27,6 @@ LOHA = register(
         tensor_names={name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
         marker="hada_w1_a",
         rank_from_file=lambda named: int(named["hada_w1_a"].shape[1]),
+        complete=lambda names: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= names,
     )
 )

@@ -58,6 +58,9 @@ LOKR = register(
         tensor_names={name: name for name in TENSORS},
         marker="lokr_w1",
         rank_from_file=lokr_rank,
+        complete=lambda names: all(
+            f"lokr_{w}" in names or {f"lokr_{w}_a", f"lokr_{w}_b"} <= names for w in ("w1", "w2")
+        ),
         to_file=lokr_to_file,
     )
 )

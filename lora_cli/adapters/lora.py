@@ -51,6 +51,7 @@ for _name, _marker in (("lora", "lora_down.weight"), ("locon", None)):  # one fi
             tensor_names=LORA_TENSORS,
             marker=_marker,
             rank_from_file=lambda named: int(named["lora_down.weight"].shape[0]),
+            complete=lambda names: {"lora_down.weight", "lora_up.weight"} <= names,
             to_file=_dora_scale_to_file,
         )
     )

@@ -57,6 +57,8 @@ class AdapterAlgorithm:
     marker: str | None
     # Rank of one module from its file tensors.
     rank_from_file: Callable[[Named], int]
+    # Whether a module's file tensors are complete (e.g. a LoRA layer needs both down and up).
+    complete: Callable[[set[str]], bool]
     # Exact transform of one module's peft tensors (+ alpha) into the file's convention; identity by default.
     # Reading needs no inverse: tensors are reshaped to the layer's parameters and rank/alpha come from the file.
     to_file: Callable[[Named, float, int], Named] = lambda named, alpha, rank: named

@@ -97,7 +97,11 @@ def parse_scales(text: str) -> list[float]:
 def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise LoraCliError(f"--prompts {path}: file not found")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LoraCliError(f"--prompts {path}: not UTF-8 text; save it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _preset_defaults(preset: Path | None) -> dict:

@@ -61,13 +61,22 @@ def read_adapter(
         names = {name for named in tensors.values() for name in named}
         if not tensors:
             raise AdapterError(f"{path}: no adapter layer matches this base")
-        return detect_algorithm(names, str(path)), tensors, metadata
+        algorithm = detect_algorithm(names, str(path))
+        _check_complete(algorithm, tensors, path)
+        return algorithm, tensors, metadata
     algorithm = get_algorithm("lora")  # the diffusers/peft layout holds LoRA/LoCon only
     tensors = from_diffusers(flat, algorithm.tensor_names, set(kohya_index.values()), str(path), unmatched)
     if not tensors:
         raise AdapterError(f"{path}: no adapter layer matches this base")
+    _check_complete(algorithm, tensors, path)
     _restore_alpha(tensors, metadata)
     return algorithm, tensors, metadata
+
+
+def _check_complete(algorithm: AdapterAlgorithm, tensors: AdapterTensors, path: str | Path) -> None:
+    for (_, module), named in tensors.items():
+        if not algorithm.complete(set(named)):
+            raise AdapterError(f"{path}: layer {module} is incomplete (has only {', '.join(sorted(named))})")
 
 
 def _diffusers_adapter_config(tensors: AdapterTensors) -> dict[str, object]:
@@ -84,6 +93,7 @@ def _diffusers_adapter_config(tensors: AdapterTensors) -> dict[str, object]:
         config[f"{component}.target_modules"] = sorted(modules)
         config[f"{component}.rank_pattern"] = {m: r for m, r in ranks.items() if r != rank}
         config[f"{component}.alpha_pattern"] = {m: a for m, a in alphas.items() if a != alpha}
+        config[f"{component}.use_dora"] = any("dora_scale" in named for named in modules.values())
     return config
 
 

@@ -47,7 +47,10 @@ def pipeline_class_name(spec: ModelSection, location: Path | None) -> str:
         index = location / "model_index.json"
         if not index.is_file():
             raise ModelLoadError(f"model.path: {location} has no model_index.json; is it a diffusers pipeline folder?")
-        return json.loads(index.read_text())["_class_name"]
+        try:
+            return json.loads(index.read_text())["_class_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ModelLoadError(f"model.path: {index} is damaged (not JSON with a _class_name)") from None
     from diffusers import DiffusionPipeline
 
     try:

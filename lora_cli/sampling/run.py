@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from lora_cli.config.schema import ModelSection
-from lora_cli.errors import OutputExistsError
+from lora_cli.errors import LoraCliError, OutputExistsError
 from lora_cli.io.atomic import write_with
 from lora_cli.sampling import generate_images, image_grid
 from lora_cli.sampling.patcher import AdapterFile
@@ -50,7 +50,7 @@ def plan_columns(request: SampleRequest, files: list[AdapterFile]) -> list[Colum
     its scale or at every --scales value; with --stack all adapters are active together."""
     columns = [Column("base", [])] if request.compare or not files else []
     named = [(file, scale) for file, (_, scale) in zip(files, request.adapters, strict=True)]
-    if request.stack:
+    if request.stack and named:
         multipliers = request.scales or [1.0]
         for m in multipliers:
             label = " + ".join(f"{f.path.stem}@{s * m:g}" for f, s in named)
@@ -64,20 +64,13 @@ def plan_columns(request: SampleRequest, files: list[AdapterFile]) -> list[Colum
 
 def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
     """Draw the grid; returns the written PNGs (each image, then the grid)."""
-    import torch
 
     from lora_cli.models import load_base
 
     grid_path = request.out / "grid.png"
     if grid_path.exists() and not request.overwrite:
         raise OutputExistsError(f"{request.out} already holds samples; pass --overwrite or choose another --out")
-    device = torch.device(
-        "cuda"
-        if request.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if request.device == "auto"
-        else request.device
-    )
+    device = _device(request.device)
     dtype = "float16" if device.type == "cuda" else "float32"
     base = load_base(ModelSection(path=request.base, dtype=dtype))
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
@@ -121,6 +114,16 @@ def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
     grid = image_grid(grid_cells, labels, [column.label for column in columns])
     write_with(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
     return [*written, grid_path]
+
+
+def _device(name: str):
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise LoraCliError(f"--device {name}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LoraCliError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _params(request: SampleRequest, column: Column, prompt: str, seed: int, size: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from PIL import Image
 
 from lora_cli.io.atomic import write_text_atomic, write_with
@@ -135,20 +136,23 @@ class Previews:
         from lora_cli.sampling import generate_images, image_grid
 
         sample = session.preset.sample
-        denoiser = session.base.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
+        models = [session.base.denoiser, *session.adapter.components.values()]
+        modes = [model.training for model in models]
+        for model in models:
+            model.eval()  # no adapter dropout in previews
         pipeline = session.base.architecture.build_pipeline(session.base)
-        images = generate_images(
-            pipeline,
-            sample.prompts,
-            [sample.seed + i for i in range(len(sample.prompts))],
-            sample.steps,
-            sample.guidance_scale,
-            sample.negative_prompt,
-            session.preset.data.resolution,
-        )
-        denoiser.train(was_training)
+        with torch.random.fork_rng():  # previews must not move the training's random state
+            images = generate_images(
+                pipeline,
+                sample.prompts,
+                [sample.seed + i for i in range(len(sample.prompts))],
+                sample.steps,
+                sample.guidance_scale,
+                sample.negative_prompt,
+                session.preset.data.resolution,
+            )
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
         grid = image_grid([[image] for image in images], sample.prompts, [f"step {session.step}"])
         out = session.paths.samples / f"step-{session.step:06d}.png"
         write_with(out, lambda tmp: grid.save(tmp, format="PNG"))

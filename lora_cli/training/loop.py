@@ -46,6 +46,10 @@ def micro_batch_loss(session: TrainingSession, item_indices: list[int]) -> torch
         for i in item_indices
     ]
     conditioning = session.encoder.conditioning(captions)
+    # The frozen base may be stored in half precision (model.dtype); its inputs must match it.
+    weight_dtype = base.denoiser.dtype
+    noisy = noisy.to(weight_dtype)
+    conditioning = {key: value.to(weight_dtype) for key, value in conditioning.items()}
 
     # 4. Predict and compare with the target the scheduler's parameterisation asks for.
     with session.accelerator.autocast():

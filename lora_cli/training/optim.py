@@ -31,7 +31,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], train: TrainSection) -> 
         factory = Prodigy
     try:
         return factory(param_groups, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise PresetError(f"train.optimizer_args: {train.optimizer} rejects them ({exc})") from None
 
 

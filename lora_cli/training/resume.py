@@ -18,8 +18,10 @@ from lora_cli.training.checkpoint import (
 )
 from lora_cli.training.session import TrainingSession
 
-# Preset sections that must be identical to resume; the rest (steps, logging, output...) may change.
-FROZEN_SECTIONS = ("model", "adapter", "data")
+# Preset sections that must be identical to resume; the rest (logging, output, samples) may change, and so
+# may train.steps/epochs (to train longer).
+FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "cache")
+MAY_CHANGE = {("train", "steps"), ("train", "epochs")}
 
 
 def write_checkpoint(session: TrainingSession) -> Path:
@@ -56,10 +58,13 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
     adapter_flat, state = load_checkpoint(folder)
     current = session.preset.model_dump(mode="json")
     for section in FROZEN_SECTIONS:
-        if state.preset.get(section) != current[section]:
-            changed = sorted(
-                key for key in current[section] if state.preset.get(section, {}).get(key) != current[section][key]
-            )
+        saved = state.preset.get(section, {})
+        changed = sorted(
+            key
+            for key in current[section]
+            if saved.get(key) != current[section][key] and (section, key) not in MAY_CHANGE
+        )
+        if changed:
             raise CheckpointError(
                 f"{folder}: the checkpoint was trained with different `{section}` settings "
                 f"({', '.join(f'{section}.{k}' for k in changed)}); restore them or start a new run"

@@ -48,7 +48,9 @@ class TrainingSession:
         train = self.preset.train
         batches = epoch_batches(self.data, train.batch_size * world, train.seed, epoch, self.preset.data.shuffle)
         self.micro_step += 1
-        positions = batches[offset][self.accelerator.process_index :: world]
+        batch = batches[offset]
+        batch = (batch * world)[: len(batch) + (-len(batch) % world)]  # top up a short batch: every rank gets items
+        positions = batch[self.accelerator.process_index :: world]
         return [self.data.entries[p] for p in positions]
 
     @property
@@ -114,7 +116,7 @@ def build_session(
 
     world = accelerator.num_processes
     batches_per_epoch = len(epoch_batches(data, train.batch_size * world, train.seed, 0, False))
-    total_steps = train.steps or train.epochs * math.ceil(batches_per_epoch / train.gradient_accumulation)
+    total_steps = train.steps or math.ceil(train.epochs * batches_per_epoch / train.gradient_accumulation)
     scheduler = build_scheduler(optimizer, train, total_steps)
 
     # Only the denoiser is wrapped (DDP on several processes); text encoders stay plain modules on the device.
