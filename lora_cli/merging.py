@@ -41,8 +41,7 @@ def merge_adapters(
     base, out = Path(base), Path(out)
     _check_paths(base, out)
     files, table = _weight_files(base)
-    modules = {component: sorted(_module_names(paths)) for component, paths in files.items()}
-    index = kohya_module_index(modules, table)
+    index = kohya_module_index(_modules(files), table)
     plan: dict[ModuleKey, list[tuple[Path, dict, float]]] = {}
     result = MergeResult(out, 0)
     records = []
@@ -127,9 +126,23 @@ def _weight_files(base: Path) -> tuple[dict[str, list[Path]], KohyaTable]:
     return files, architecture.kohya_table
 
 
-def _module_names(paths: list[Path]) -> set[str]:
-    names = set()
+def base_weight_shapes(base: Path) -> tuple[dict[ModuleKey, tuple[int, ...]], KohyaTable]:
+    """Shape of every module's weight per (component, module) of a diffusers folder, from safetensors headers."""
+    if not (Path(base) / "model_index.json").is_file():
+        raise ModelLoadError(f"{base}: not a diffusers pipeline folder (no model_index.json)")
+    files, table = _weight_files(Path(base))
+    return {key: shape for component, paths in files.items() for key, shape in _shapes(component, paths)}, table
+
+
+def _modules(files: dict[str, list[Path]]) -> dict[str, list[str]]:
+    return {
+        component: sorted(module for (_, module), _ in _shapes(component, paths)) for component, paths in files.items()
+    }
+
+
+def _shapes(component: str, paths: list[Path]) -> list[tuple[ModuleKey, tuple[int, ...]]]:
+    found = []
     for path in paths:
         header = read_header(path, ModelLoadError)
-        names |= {key[: -len(WEIGHT)] for key in header if key.endswith(WEIGHT)}
-    return names
+        found += [((component, k[: -len(WEIGHT)]), tuple(v["shape"])) for k, v in header.items() if k.endswith(WEIGHT)]
+    return found

@@ -184,3 +184,35 @@ def test_stacked_mixed_algorithms_match_merging_both(tiny_sd: Path, adapters, tm
         np.asarray(Image.open(stacked[0]), dtype=np.int16) - np.asarray(Image.open(from_merged[0]), dtype=np.int16)
     )
     assert difference.max() <= 1
+
+
+def info_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from lora_cli.cli.info import main; main()", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_lora_info_describes_adapters_and_their_fit(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    from lora_cli.builtin import builtin_path
+
+    result = info_cli(str(adapters["locon"]), "--base", str(tiny_sd), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["layout"] == "kohya" and report["algorithm"] == "lora" and report["dora"] is False
+    assert report["ranks"] == {"4": report["layers"] - report["ranks"].get("2", 0), **({"2": report["ranks"]["2"]})}
+    assert report["alphas"]["2.0"] > 0 and report["alphas"]["1.0"] == report["ranks"]["2"]  # conv rank/alpha
+    assert report["provenance"]["step"] == "2" and report["preset"]["adapter"]["type"] == "locon"
+    assert report["fit"] == {
+        "base": str(tiny_sd),
+        "matched_layers": report["layers"],
+        "unmatched_layers": [],
+        "wrong_shape_layers": [],
+        "fits": True,
+        "same_base_as_training": True,
+    }
+    lokr = json.loads(info_cli(str(adapters["lokr"]), "--json").stdout)
+    assert lokr["algorithm"] == "lokr" and lokr["ranks"] == {"4": lokr["layers"]}
+    foreign = json.loads(info_cli(str(adapters["lora"]), "--base", str(builtin_path("shapes")), "--json").stdout)
+    assert foreign["fit"]["fits"] is False and foreign["fit"]["same_base_as_training"] is False
+    assert any("attn2.to_k" in layer for layer in foreign["fit"]["wrong_shape_layers"])  # cross-attention 32 vs 64
+    missing = info_cli(str(tmp_path / "none.safetensors"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "file not found" in missing.stderr
