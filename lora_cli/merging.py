@@ -40,7 +40,7 @@ def merge_adapters(
     """Write BASE with the adapters folded in to OUT (a new diffusers folder, written atomically)."""
     base, out = Path(base), Path(out)
     _check_paths(base, out)
-    files, table = _weight_files(base)
+    files, table = weight_files(base)
     index = kohya_module_index(_modules(files), table)
     plan: dict[ModuleKey, list[tuple[Path, dict, float]]] = {}
     result = MergeResult(out, 0)
@@ -109,7 +109,7 @@ def _check_paths(base: Path, out: Path) -> None:
         raise OutputExistsError(f"{out}: the output must not be the base itself")
 
 
-def _weight_files(base: Path) -> tuple[dict[str, list[Path]], KohyaTable]:
+def weight_files(base: Path) -> tuple[dict[str, list[Path]], KohyaTable]:
     from lora_cli.models import ARCHITECTURES
 
     class_name = json.loads((base / "model_index.json").read_text())["_class_name"]
@@ -130,7 +130,7 @@ def base_weight_shapes(base: Path) -> tuple[dict[ModuleKey, tuple[int, ...]], Ko
     """Shape of every module's weight per (component, module) of a diffusers folder, from safetensors headers."""
     if not (Path(base) / "model_index.json").is_file():
         raise ModelLoadError(f"{base}: not a diffusers pipeline folder (no model_index.json)")
-    files, table = _weight_files(Path(base))
+    files, table = weight_files(Path(base))
     return {key: shape for component, paths in files.items() for key, shape in _shapes(component, paths)}, table
 
 

@@ -216,3 +216,41 @@ def test_lora_info_describes_adapters_and_their_fit(tiny_sd: Path, adapters: dic
     assert any("attn2.to_k" in layer for layer in foreign["fit"]["wrong_shape_layers"])  # cross-attention 32 vs 64
     missing = info_cli(str(tmp_path / "none.safetensors"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "file not found" in missing.stderr
+
+
+def test_extract_and_resize_recover_updates(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    from lora_cli.adapters.functional import delta_weight
+    from lora_cli.io.adapter_file import read_adapter
+    from lora_cli.io.keys import kohya_module_index
+    from lora_cli.lowrank import extract, resize
+    from lora_cli.models.stable_diffusion import StableDiffusion
+
+    base = unet_weights(tiny_sd)
+    modules = sorted({k[: -len(".weight")] for k in base if k.endswith(".weight")})
+    index = kohya_module_index({"unet": modules}, StableDiffusion.kohya_table)
+
+    def deltas(path: Path) -> dict[str, torch.Tensor]:
+        _, tensors, _ = read_adapter(path, index)
+        return {m: delta_weight(named, base[f"{m}.weight"].shape) for (_, m), named in tensors.items()}
+
+    # Extract: a rank-4 LoRA merged into the base comes back exactly at rank 4.
+    merged = tmp_path / "merged"
+    merge_adapters(tiny_sd, [(adapters["lora"], 1.0)], merged)
+    reports = extract(tiny_sd, merged, tmp_path / "extracted.safetensors", rank=4, energy=None)
+    assert reports and min(r.energy for r in reports) > 0.9999
+    original, recovered = deltas(adapters["lora"]), deltas(tmp_path / "extracted.safetensors")
+    assert original.keys() == recovered.keys()
+    for module in original:
+        torch.testing.assert_close(recovered[module], original[module], rtol=1e-3, atol=2e-6)
+
+    # Resize: LoHa (Hadamard rank <= 4 * 4) to a rank-16 LoRA is exact; to rank 2 keeps less energy.
+    full = resize(adapters["loha"], tmp_path / "loha16.safetensors", 16, None, base=tiny_sd)
+    assert min(r.energy for r in full) > 0.9999
+    for module, delta in deltas(adapters["loha"]).items():
+        torch.testing.assert_close(deltas(tmp_path / "loha16.safetensors")[module], delta, rtol=1e-3, atol=2e-6)
+    small = resize(adapters["lora"], tmp_path / "lora2.safetensors", 2, None, base=None)
+    assert all(r.rank == 2 for r in small) and max(r.energy for r in small) < 1.0
+    with pytest.raises(Exception, match="DoRA layers depend on the base weights"):
+        resize(adapters["dora"], tmp_path / "dora.safetensors", 4, None, base=None)
+    by_energy = resize(adapters["lokr"], tmp_path / "lokr.safetensors", None, 0.9, base=tiny_sd)
+    assert all(r.energy >= 0.9 for r in by_energy)
