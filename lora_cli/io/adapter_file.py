@@ -42,7 +42,7 @@ def save_adapter(
         flat = to_kohya(exported, kohya_table)
     else:
         peft_names = {file: peft for peft, file in algorithm.tensor_names.items()}
-        flat = to_diffusers(tensors, peft_names)
+        flat = to_diffusers({key: _peft_magnitude(named) for key, named in tensors.items()}, peft_names)
         metadata[DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_adapter_config(tensors), sort_keys=True)
     save_tensors(path, flat, metadata)
 
@@ -71,6 +71,14 @@ def read_adapter(
     _check_complete(algorithm, tensors, path)
     _restore_alpha(tensors, metadata)
     return algorithm, tensors, metadata
+
+
+def _peft_magnitude(named: dict) -> dict:
+    """peft stores a DoRA magnitude as (out,) for Linear and (1, out, 1, 1) for Conv2d."""
+    if "dora_scale" not in named:
+        return named
+    conv = named["lora_down.weight"].dim() == 4
+    return {**named, "dora_scale": named["dora_scale"].reshape((1, -1, 1, 1) if conv else (-1,))}
 
 
 def _check_complete(algorithm: AdapterAlgorithm, tensors: AdapterTensors, path: str | Path) -> None:

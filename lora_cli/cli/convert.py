@@ -1,0 +1,31 @@
+"""`lora-convert IN OUT --to kohya|diffusers`: change an adapter's key layout, exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from lora_cli.cli.errors import run_app
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(help="Rewrite an adapter in the kohya (A1111/ComfyUI) or diffusers (peft) key layout.")
+def convert(
+    adapter: Annotated[Path, typer.Argument(help="The adapter file.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="The file to write.", show_default=False)],
+    to: Annotated[Literal["kohya", "diffusers"], typer.Option("--to", help="Target layout.")],
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Base folder, for kohya files without lora-cli metadata.")
+    ] = None,
+) -> None:
+    from lora_cli.convert import convert as run
+
+    layers = run(adapter, out, to, base)
+    print(f"{layers} layers written to {out} ({to} layout)")
+
+
+def main() -> None:
+    run_app(app, "lora-convert")
