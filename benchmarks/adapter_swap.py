@@ -33,31 +33,7 @@ def load_pipeline(base_path: str):
     return base, base.architecture.build_pipeline(base)
 
 
-def build_sd15_shaped(folder: Path) -> str:
-    """Random weights in SD1.5's shapes, saved as a diffusers folder (a few GB; about a minute)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, clip_text_encoder, save_sd_pipeline, write_clip_tokenizer
-
-    write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        sample_size=512,
-    )
-    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, max_length=77)
-    save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
-    return str(folder)
-
-
-def random_adapter(base, kind: str, path: Path, seed: int, targets: str) -> None:
+def random_adapter(base, kind: str, path: Path, seed: int, targets: str, rank: int = 8) -> None:
     """A trained-looking adapter: peft layers injected with random weights, saved like lora-train does."""
     import torch
 
@@ -69,7 +45,7 @@ def random_adapter(base, kind: str, path: Path, seed: int, targets: str) -> None
     unet = type(base.denoiser).from_config(base.denoiser.config)  # a scratch copy; the base stays clean
     patterns = base.architecture.target_presets[targets]
     targets_by_component = {"unet": resolve_targets(unet, patterns, "benchmark")}
-    adapter = inject_spec({"unet": unet}, AdapterSpec(kind, 8, 4.0), targets_by_component, seed=seed)
+    adapter = inject_spec({"unet": unet}, AdapterSpec(kind, rank, rank / 2), targets_by_component, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for param in adapter.parameters("unet"):
         param.data = 0.01 * torch.randn(param.shape, generator=generator)
@@ -90,11 +66,12 @@ def main() -> None:
 
     from lora_cli.sampling.patcher import WeightPatcher
     from lora_cli.sampling.switcher import BypassSwitcher
+    from lora_cli.toy.tiny_pipeline import build_sd15_shaped
 
     torch.set_num_threads(1)
     scratch = tempfile.TemporaryDirectory()
     if args.sd15:
-        args.base = build_sd15_shaped(Path(scratch.name) / "sd15-shaped")
+        args.base = str(build_sd15_shaped(Path(scratch.name) / "sd15-shaped"))
     load_pipeline(args.base)  # warm imports and file caches, as a long-running sampler would be
     loads = []
     for _ in range(args.repeats):

@@ -130,3 +130,26 @@ def build_tiny_sd(folder: str | Path, seed: int = 0, prediction_type: str = "eps
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32, layers=2, heads=4, max_length=max_length)
     save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet, prediction_type)
     return folder
+
+
+def build_sd15_shaped(folder: str | Path, seed: int = 0) -> Path:
+    """Random weights in SD1.5's shapes (860M-parameter UNet, CLIP-L-sized text encoder, SD VAE), saved as a
+    diffusers folder of about 4 GB: what benchmarks use to measure at the size users load."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, max_length=77)
+    return save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
