@@ -65,7 +65,9 @@ def merge_adapters(
             for source in paths:
                 target = tmp / source.relative_to(base)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                stream_rewrite(source, target, _merger(component, plan, result), metadata, ModelLoadError)
+                merger = _merger(component, plan, result)
+                wanted = lambda name, c=component: name.endswith(WEIGHT) and (c, name[: -len(WEIGHT)]) in plan  # noqa: E731
+                stream_rewrite(source, target, merger, wanted, metadata, ModelLoadError)
     return result
 
 
