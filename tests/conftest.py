@@ -51,7 +51,43 @@ def write_preset(tmp_path: Path, tiny_sd: Path, shapes_data: Path):
     return write
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `lora-train` exactly as a user does (a fresh process, the console entry point)."""
-    command = [sys.executable, "-c", "from lora_cli.cli.train import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+def run_command(module: str, *args: str, entry: str = "main") -> subprocess.CompletedProcess:
+    """Run a lora-cli command exactly as a user does: a fresh process calling its console entry point."""
+    command = [sys.executable, "-c", f"from lora_cli.cli.{module} import {entry}; {entry}()", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`lora-train ARGS`."""
+    return run_command("train", *args)
+
+
+ADAPTER_KINDS = {
+    "lora": {"type": "lora"},
+    "locon": {"type": "locon", "conv_rank": 2, "conv_alpha": 1},
+    "loha": {"type": "loha"},
+    "lokr": {"type": "lokr"},
+    "dora": {"type": "lora", "dora": True},
+}
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tiny_sd: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small adapter per algorithm, trained by lora-train (large learning rate so the change is visible)."""
+    from rich.console import Console
+
+    from lora_cli.config import validate_preset
+    from lora_cli.training.run import train
+
+    folder = tmp_path_factory.mktemp("adapters")
+    made = {}
+    for kind, adapter in ADAPTER_KINDS.items():
+        raw = {
+            "model": {"path": str(tiny_sd)},
+            "data": {"folder": str(shapes_data), "resolution": 64},
+            "adapter": {"rank": 4, "alpha": 2, **adapter},
+            "train": {"steps": 3, "learning_rate": 3e-2, "batch_size": 2},
+            "output": {"dir": str(folder / kind), "name": kind},
+        }
+        made[kind] = train(validate_preset(raw, kind), Console(quiet=True), show_progress=False)
+    return made

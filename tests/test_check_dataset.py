@@ -6,7 +6,6 @@ import json
 import random
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from datasets_tools.check import CheckOptions, check_dataset
+from tests.conftest import run_command
 
 CLEAN = [f"clean_{i}" for i in range(8)]
 WORDS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
@@ -173,8 +173,7 @@ def test_clean_images_and_hidden_files_are_not_flagged(report) -> None:
 
 
 def run_checker(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from lora_cli.cli.check_dataset import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return run_command("check_dataset", *args)
 
 
 def test_cli_exit_codes_json_and_one_line_errors(planted: Path, tmp_path: Path) -> None:

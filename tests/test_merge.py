@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,37 +16,16 @@ from safetensors.torch import load_file, save_file
 
 from lora_cli.merging import merge_adapters
 from lora_cli.sampling.run import SampleRequest, run_sampling
+from tests.conftest import run_command
 
 
 def merge_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from lora_cli.cli.merge import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return run_command("merge", *args)
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_sd: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
-    folder = tmp_path_factory.mktemp("merge-adapters")
-    made = {}
-    for kind, extra in {
-        "lora": {},
-        "locon": {"conv_rank": 2, "conv_alpha": 1},
-        "loha": {},
-        "lokr": {},
-        "dora": {},
-    }.items():
-        adapter = {"type": "lora" if kind == "dora" else kind, "rank": 4, "alpha": 2, "dora": kind == "dora", **extra}
-        raw = {
-            "model": {"path": str(tiny_sd)},
-            "data": {"folder": str(shapes_data), "resolution": 64},
-            "adapter": adapter,
-            "train": {"steps": 2, "learning_rate": 3e-2, "batch_size": 2},
-            "output": {"dir": str(folder / kind), "name": kind},
-        }
-        made[kind] = train(validate_preset(raw, kind), Console(quiet=True), show_progress=False)
-    return made
+@pytest.fixture
+def adapters(trained_adapters: dict[str, Path]) -> dict[str, Path]:
+    return trained_adapters
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -187,8 +165,7 @@ def test_stacked_mixed_algorithms_match_merging_both(tiny_sd: Path, adapters, tm
 
 
 def info_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from lora_cli.cli.info import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return run_command("info", *args)
 
 
 def test_lora_info_describes_adapters_and_their_fit(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -200,7 +177,7 @@ def test_lora_info_describes_adapters_and_their_fit(tiny_sd: Path, adapters: dic
     assert report["layout"] == "kohya" and report["algorithm"] == "lora" and report["dora"] is False
     assert report["ranks"] == {"4": report["layers"] - report["ranks"].get("2", 0), **({"2": report["ranks"]["2"]})}
     assert report["alphas"]["2.0"] > 0 and report["alphas"]["1.0"] == report["ranks"]["2"]  # conv rank/alpha
-    assert report["provenance"]["step"] == "2" and report["preset"]["adapter"]["type"] == "locon"
+    assert report["provenance"]["step"] == "3" and report["preset"]["adapter"]["type"] == "locon"
     assert report["fit"] == {
         "base": str(tiny_sd),
         "matched_layers": report["layers"],
@@ -257,8 +234,7 @@ def test_extract_and_resize_recover_updates(tiny_sd: Path, adapters: dict[str, P
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from lora_cli.cli.convert import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return run_command("convert", *args)
 
 
 @pytest.mark.parametrize("kind", ["lora", "locon", "dora"])

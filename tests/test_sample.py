@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +13,16 @@ from rich.console import Console
 
 from lora_cli.sampling.png import read_png_parameters
 from lora_cli.sampling.run import SampleRequest, run_sampling
+from tests.conftest import run_command
 
 
 def sample_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from lora_cli.cli.sample import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return run_command("sample", *args)
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_sd: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One small trained adapter per algorithm (large learning rate so the change is visible)."""
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
-    folder = tmp_path_factory.mktemp("adapters")
-    made = {}
-    for kind in ("lora", "loha", "lokr"):
-        raw = {
-            "model": {"path": str(tiny_sd)},
-            "data": {"folder": str(shapes_data), "resolution": 64},
-            "adapter": {"type": kind, "rank": 4, "alpha": 2},
-            "train": {"steps": 3, "learning_rate": 3e-2, "batch_size": 2},
-            "output": {"dir": str(folder / kind), "name": kind},
-        }
-        made[kind] = train(validate_preset(raw, kind), Console(quiet=True), show_progress=False)
-    return made
+@pytest.fixture
+def adapters(trained_adapters: dict[str, Path]) -> dict[str, Path]:
+    return trained_adapters
 
 
 def pixels(path: Path) -> np.ndarray:
