@@ -51,3 +51,31 @@ def test_exif_rotation_alpha_and_palette_images_load_as_rgb(tmp_path: Path) -> N
 
     Image.new("P", (8, 8), 0).save(tmp_path / "palette.png")
     assert load_pixels(tmp_path / "palette.png", (4, 4)).shape == (3, 4, 4)
+
+
+def test_checkpoint_state_round_trips_exactly_without_pickle(tmp_path: Path) -> None:
+    from lora_cli.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4), "note": "x"}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}],
+    }
+    state = TrainingState(
+        3,
+        6,
+        optimizer,
+        {"last_epoch": 3, "base_lrs": [0.1]},
+        torch.arange(4, dtype=torch.uint8),
+        torch.arange(5, dtype=torch.uint8),
+        [],
+        {"train": {"steps": 9}},
+        scaler.state_dict(),
+    )
+    save_checkpoint(tmp_path / "step-000003", {"a.lora_down.weight": torch.ones(2, 2)}, state)
+    adapter, back = load_checkpoint(tmp_path / "step-000003")
+    assert torch.equal(adapter["a.lora_down.weight"], torch.ones(2, 2))
+    assert back.grad_scaler == scaler.state_dict() and back.scheduler == state.scheduler
+    assert back.optimizer["param_groups"][0]["betas"] == (0.9, 0.99) and back.optimizer["state"][0]["note"] == "x"
+    assert torch.equal(back.optimizer["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
+    assert (back.step, back.micro_step) == (3, 6) and torch.equal(back.generator, state.generator)

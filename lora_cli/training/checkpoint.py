@@ -35,6 +35,7 @@ class TrainingState:
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor]
     preset: dict[str, Any]
+    grad_scaler: dict[str, Any] | None = None  # fp16 loss scaling, so a resumed run keeps its scale
 
 
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
@@ -83,6 +84,7 @@ def _flatten(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, s
         "optimizer": json.dumps(_encode(state.optimizer, "optimizer", tensors)),
         "scheduler": json.dumps(_encode(state.scheduler, "scheduler", tensors)),
         "preset": json.dumps(state.preset),
+        "grad_scaler": json.dumps(_encode(state.grad_scaler, "grad_scaler", tensors)),
     }
     return tensors, metadata
 
@@ -98,6 +100,7 @@ def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Tr
         torch_rng=tensors["rng.torch"],
         cuda_rng=[tensors[k] for k in cuda],
         preset=json.loads(metadata["preset"]),
+        grad_scaler=_decode(json.loads(metadata.get("grad_scaler", "null")), tensors),
     )
 
 

@@ -35,6 +35,7 @@ def write_checkpoint(session: TrainingSession) -> Path:
         torch_rng=torch.get_rng_state(),
         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         preset=session.preset.model_dump(mode="json"),
+        grad_scaler=session.accelerator.scaler.state_dict() if session.accelerator.scaler else None,
     )
     folder = checkpoint_dir(session.paths.checkpoints, session.step)
     save_checkpoint(folder, to_kohya(session.adapter.tensors(), table), state)
@@ -74,6 +75,8 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
     session.adapter.load_tensors(from_kohya(adapter_flat, index, str(folder)), str(folder))
     session.optimizer.load_state_dict(state.optimizer)
     session.scheduler.load_state_dict(state.scheduler)
+    if state.grad_scaler and session.accelerator.scaler:
+        session.accelerator.scaler.load_state_dict(state.grad_scaler)
     session.generator.set_state(state.generator)
     torch.set_rng_state(state.torch_rng)
     if state.cuda_rng and torch.cuda.is_available():
