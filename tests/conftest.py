@@ -62,6 +62,28 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return run_command("train", *args)
 
 
+def diffusers_image(model: Path, adapter: Path | None, prompt: str, seed: int):
+    """What diffusers itself draws (its own pipeline and `load_lora_weights`): an int16 RGB array, 64 px,
+    3 steps, guidance 7.5 (the same settings the tests give lora-sample)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        pipe.load_lora_weights(str(adapter))
+    image = pipe(
+        prompt,
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
 ADAPTER_KINDS = {
     "lora": {"type": "lora"},
     "locon": {"type": "locon", "conv_rank": 2, "conv_alpha": 1},

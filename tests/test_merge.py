@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_cli.merging import merge_adapters
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import run_command
+from tests.conftest import diffusers_image, run_command
 
 
 def merge_cli(*args: str) -> subprocess.CompletedProcess:
@@ -239,7 +239,6 @@ def convert_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("kind", ["lora", "locon", "dora"])
 def test_convert_round_trips_exactly_and_diffusers_reads_it(kind, tiny_sd: Path, adapters, tmp_path: Path) -> None:
-    from diffusers import StableDiffusionPipeline
 
     original = adapters[kind]
     as_diffusers, back = tmp_path / "d.safetensors", tmp_path / "k.safetensors"
@@ -251,18 +250,7 @@ def test_convert_round_trips_exactly_and_diffusers_reads_it(kind, tiny_sd: Path,
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     def diffusers_draws(file: Path) -> np.ndarray:
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.load_lora_weights(str(file))
-        image = pipe(
-            "a red circle",
-            num_inference_steps=3,
-            height=64,
-            width=64,
-            guidance_scale=7.5,
-            generator=torch.Generator().manual_seed(4),
-        ).images[0]
-        return np.asarray(image, dtype=np.int16)
+        return diffusers_image(tiny_sd, file, "a red circle", 4)
 
     common = {"prompts": ["a red circle"], "steps": 3, "size": 64, "seed": 4}
     ours = run_sampling(

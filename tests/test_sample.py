@@ -13,7 +13,7 @@ from rich.console import Console
 
 from lora_cli.sampling.png import read_png_parameters
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import run_command
+from tests.conftest import diffusers_image, run_command
 
 
 def sample_cli(*args: str) -> subprocess.CompletedProcess:
@@ -61,21 +61,10 @@ def test_seeds_scales_grid_and_metadata(tiny_sd: Path, adapters: dict[str, Path]
 
 
 def test_patched_lora_draws_what_diffusers_loader_draws(tiny_sd: Path, adapters: dict[str, Path], tmp_path: Path):
-    from diffusers import StableDiffusionPipeline
 
     ours = run_sampling(request(tiny_sd, tmp_path, adapters=[(adapters["lora"], 1.0)]), Console(quiet=True))[0]
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(adapters["lora"]))
-    theirs = pipe(
-        "a yellow star",
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(7),
-    ).images[0]
-    assert np.abs(pixels(ours) - np.asarray(theirs, dtype=np.int16)).max() <= 1  # 8-bit rounding only
+    theirs = diffusers_image(tiny_sd, adapters["lora"], "a yellow star", 7)
+    assert np.abs(pixels(ours) - theirs).max() <= 1  # 8-bit rounding only
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])

@@ -71,6 +71,21 @@ def clip_text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, max_
     )
 
 
+def eight_x_vae(channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, sample_size: int):
+    """An SD-style AutoencoderKL with four blocks (8x downsampling) and 4 latent channels, random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=layers_per_block,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
 def save_sd_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> Path:
     """Save the components as a StableDiffusionPipeline folder with SD1.5's DDIM sampling schedule."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -101,7 +116,7 @@ def save_sd_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, predictio
 def build_tiny_sd(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon", max_length: int = 77) -> Path:
     """Build and save a tiny SD1.5-shaped pipeline (UNet 32/64 channels, 8x VAE, 2-layer CLIP)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -119,14 +134,7 @@ def build_tiny_sd(folder: str | Path, seed: int = 0, prediction_type: str = "eps
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = eight_x_vae((8, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32, layers=2, heads=4, max_length=max_length)
     save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet, prediction_type)
     return folder
@@ -136,7 +144,7 @@ def build_sd15_shaped(folder: str | Path, seed: int = 0) -> Path:
     """Random weights in SD1.5's shapes (860M-parameter UNet, CLIP-L-sized text encoder, SD VAE), saved as a
     diffusers folder of about 4 GB: what benchmarks use to measure at the size users load."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -144,12 +152,6 @@ def build_sd15_shaped(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        sample_size=512,
-    )
+    vae = eight_x_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
     text_encoder = clip_text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, max_length=77)
     return save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
