@@ -39,13 +39,9 @@ def _module_names(path: Path, base: Path | None) -> dict[str, list[str]]:
             modules.setdefault(component, []).append(module)
         return modules
     if base is not None:
-        from lora_cli.merging import base_weight_shapes
+        from lora_cli.models.weights import open_base_weights
 
-        shapes, _ = base_weight_shapes(base)
-        found: dict[str, list[str]] = {}
-        for component, module in shapes:
-            found.setdefault(component, []).append(module)
-        return found
+        return open_base_weights(base).modules()
     targets = (header.get("__metadata__") or {}).get("lora_cli.targets")
     if targets is None:
         raise AdapterError(f"{path}: kohya keys do not spell module names unambiguously; pass --base FOLDER")

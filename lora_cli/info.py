@@ -51,19 +51,16 @@ def fit_to_base(path: Path, base: Path) -> dict[str, Any]:
     from lora_cli.adapters.functional import delta_weight
     from lora_cli.config.schema import ModelSection
     from lora_cli.io.adapter_file import read_adapter
-    from lora_cli.io.keys import kohya_module_index
-    from lora_cli.merging import base_weight_shapes
     from lora_cli.models.source import weight_fingerprint
+    from lora_cli.models.weights import open_base_weights
 
-    shapes, table = base_weight_shapes(base)
-    modules: dict[str, list[str]] = {}
-    for component, module in shapes:
-        modules.setdefault(component, []).append(module)
+    weights = open_base_weights(base)
+    shapes = weights.shapes
     unmatched: list[str] = []
     fingerprint = weight_fingerprint(ModelSection(path=str(base)), base)
     report: dict[str, Any] = {"base": str(base)}
     try:
-        _, tensors, metadata = read_adapter(path, kohya_module_index(modules, table), unmatched)
+        _, tensors, metadata = read_adapter(path, weights.kohya_index(), unmatched)
     except AdapterError as exc:  # nothing matches, or a layer is incomplete: it does not fit
         return {**report, "matched_layers": 0, "fits": False, "problem": str(exc)}
     wrong_shape = []

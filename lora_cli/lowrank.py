@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lora_cli.adapters.functional import delta_weight, merged_weight
 from lora_cli.adapters.registry import get_algorithm
-from lora_cli.errors import AdapterError, ModelLoadError
+from lora_cli.errors import AdapterError
 from lora_cli.io.adapter_file import read_adapter, save_adapter
-from lora_cli.io.keys import AdapterTensors, KohyaTable, ModuleKey, kohya_module_index
+from lora_cli.io.keys import AdapterTensors, KohyaTable, ModuleKey
 
 MIN_CHANGE = 1e-8  # layers whose update is smaller than this (max abs) are left out
 
@@ -52,49 +51,38 @@ Named = dict[str, torch.Tensor]
 
 
 def extract(base: Path, tuned: Path, out: Path, rank: int | None, energy: float | None) -> list[LayerReport]:
-    """A LoRA from the difference of two diffusers folders of the same architecture."""
-    from lora_cli.merging import base_weight_shapes, weight_files
+    """A LoRA from the difference of two bases of the same architecture (diffusers folders or single files)."""
+    from lora_cli.models.weights import open_base_weights
 
-    base_shapes, table = base_weight_shapes(base)
-    tuned_shapes, _ = base_weight_shapes(tuned)
-    files, _ = weight_files(base)
-    tuned_files, _ = weight_files(tuned)
+    before, after = open_base_weights(base), open_base_weights(tuned)
     tensors: AdapterTensors = {}
     reports = []
-    for component, paths in files.items():
-        before = _reader(paths)
-        after = _reader(tuned_files.get(component, []))
-        for (comp, module), shape in base_shapes.items():
-            if comp != component or len(shape) not in (2, 4) or tuned_shapes.get((comp, module)) != shape:
-                continue
-            delta = after(f"{module}.weight").float() - before(f"{module}.weight").float()
-            if delta.abs().max() < MIN_CHANGE:
-                continue
-            tensors[(component, module)], kept = low_rank(delta, rank, energy)
-            reports.append(LayerReport(module, int(tensors[(component, module)]["alpha"]), kept))
+    for key, shape in before.shapes.items():
+        if len(shape) not in (2, 4) or after.shapes.get(key) != shape:
+            continue
+        delta = after.read_weight(key).float() - before.read_weight(key).float()
+        if delta.abs().max() < MIN_CHANGE:
+            continue
+        tensors[key], kept = low_rank(delta, rank, energy)
+        reports.append(LayerReport(key[1], int(tensors[key]["alpha"]), kept))
     if not tensors:
         raise AdapterError(f"{tuned}: no weight differs from {base}; there is nothing to extract")
-    _save(out, tensors, table, {"lora_cli.extracted_from": json.dumps({"base": str(base), "tuned": str(tuned)})})
+    _save(out, tensors, before.table, {"lora_cli.extracted_from": json.dumps({"base": str(base), "tuned": str(tuned)})})
     return reports
 
 
 def resize(path: Path, out: Path, rank: int | None, energy: float | None, base: Path | None) -> list[LayerReport]:
     """Any adapter (LoRA, LoHa, LoKr, DoRA) re-expressed as plain LoRA of the given rank or energy share."""
-    from lora_cli.merging import base_weight_shapes, weight_files
+    from lora_cli.models.weights import open_base_weights
 
     if base is None:
         tensors, table = _adapter_without_base(path)
         shapes: dict[ModuleKey, tuple[int, ...]] = {}
         load = None
     else:
-        shapes, table = base_weight_shapes(base)
-        modules: dict[str, list[str]] = {}
-        for component, module in shapes:
-            modules.setdefault(component, []).append(module)
-        _, tensors, _ = read_adapter(path, kohya_module_index(modules, table))
-        files, _ = weight_files(base)
-        readers = {component: _reader(paths) for component, paths in files.items()}
-        load = lambda key: readers[key[0]](f"{key[1]}.weight")  # noqa: E731
+        weights = open_base_weights(base)
+        shapes, table, load = weights.shapes, weights.table, weights.read_weight
+        _, tensors, _ = read_adapter(path, weights.kohya_index())
     result: AdapterTensors = {}
     reports = []
     for key, named in tensors.items():
@@ -136,18 +124,6 @@ def _shape_from_lora(named: Named, module: str, path: Path) -> torch.Size:
         down, up = named["lora_down.weight"], named["lora_up.weight"]
         return torch.Size((up.shape[0], *down.shape[1:]))
     raise AdapterError(f"{path}: LoHa/LoKr layers do not record their shapes ({module}); pass --base")
-
-
-def _reader(paths: list[Path]):
-    handles = [safe_open(str(p), "pt") for p in paths]
-    index = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118 (safe_open API)
-
-    def read(name: str) -> torch.Tensor:
-        if name not in index:
-            raise ModelLoadError(f"{name} is missing from the model's weights")
-        return index[name].get_tensor(name)
-
-    return read
 
 
 def _save(out: Path, tensors: AdapterTensors, table: KohyaTable, metadata: dict[str, str]) -> None:

@@ -14,11 +14,18 @@ from lora_cli.errors import LoraCliError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-@app.command(help="Merge one or more adapters (any algorithm, weights may be negative) into a base; writes OUT.")
+@app.command(
+    help="Merge one or more adapters (any algorithm, weights may be negative) into a base (diffusers folder or "
+    "single-file .safetensors); writes OUT in the same layout, or a single file when OUT ends in .safetensors."
+)
 def merge(
     paths: Annotated[list[str], typer.Argument(help="BASE, then ADAPTER[:WEIGHT]..., then OUT.", show_default=False)],
     allow_partial: Annotated[
         bool, typer.Option("--allow-partial", help="Merge what matches when some adapter layers match nothing.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Read .ckpt/.pt/.bin inputs (restricted unpickling: tensors only)."),
     ] = False,
 ) -> None:
     from rich.console import Console
@@ -29,7 +36,7 @@ def merge(
         raise LoraCliError("usage: lora-merge BASE ADAPTER[:WEIGHT] [ADAPTER[:WEIGHT] ...] OUT")
     base, out = Path(paths[0]), Path(paths[-1])
     adapters = [parse_adapter(spec) for spec in paths[1:-1]]
-    result = merge_adapters(base, adapters, out, allow_partial)
+    result = merge_adapters(base, adapters, out, allow_partial, allow_pickle)
     console = Console(stderr=True)
     for adapter, layers in result.unmatched.items():
         console.print(f"[yellow]warning[/]: {adapter}: {len(layers)} layer(s) matched nothing and were skipped")

@@ -19,6 +19,10 @@ def sample(
     base: Annotated[
         str | None, typer.Option("--base", help="Base model: folder, .safetensors, hub id or builtin:NAME.")
     ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="Diffusers configs for a single-file base: a pipeline folder or hub id."),
+    ] = None,
     adapter: Annotated[
         list[str] | None, typer.Option("--adapter", help="Adapter file, optionally FILE:SCALE (repeatable).")
     ] = None,
@@ -63,6 +67,7 @@ def sample(
         raise LoraCliError("give at least one --prompt, a --prompts file, or a --preset with sample.prompts")
     request = SampleRequest(
         base=base,
+        config=config or defaults.get("config"),
         prompts=prompt_list,
         out=out,
         adapters=[parse_adapter(spec) for spec in adapter or []],
@@ -113,6 +118,7 @@ def _preset_defaults(preset: Path | None) -> dict:
     sample = loaded.sample
     return {
         "base": loaded.model.path,
+        "config": loaded.model.config,
         "prompts": sample.prompts,
         "negative_prompt": sample.negative_prompt,
         "seed": sample.seed,

@@ -20,7 +20,10 @@ def read_header(path: str | Path, error: type[LoraCliError]) -> dict:
     """The JSON header of a safetensors file, validated before any tensor is touched."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise error(f"{path}: pickle-based files can run code when loaded; convert it to .safetensors first")
+        raise error(
+            f"{path}: pickle-based files can run code when loaded; "
+            "convert it to .safetensors (or pass --allow-pickle where offered)"
+        )
     if not path.is_file():
         raise error(f"{path}: file not found")
     with open(path, "rb") as handle:

@@ -1,17 +1,20 @@
-"""Rewrite a safetensors file tensor by tensor: peak memory stays near the largest tensor, not the file.
+"""Write safetensors files tensor by tensor: peak memory stays near the largest tensor, not the file.
 
-The output header is known up front (a transform keeps every tensor's dtype and shape), so the file is
-written as header + data in one pass, under a temporary name, then renamed. Data is read with plain file
-reads rather than a memory map, so pages of the whole file never count towards the process's memory, and
-tensors that are not transformed are copied as bytes without being decoded.
+Every output tensor's dtype and shape is known up front, so a file is written as header + data in one pass,
+under a temporary name, then renamed. Data is read with plain file reads rather than a memory map, so pages
+of the whole file never count towards the process's memory, and tensors that are not transformed are copied
+as bytes without being decoded.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -27,6 +30,77 @@ DTYPES = {
 }  # fmt: skip
 
 
+class TensorReader:
+    """Reads single tensors (raw bytes or decoded) from an open safetensors file."""
+
+    def __init__(self, path: Path, handle: BinaryIO, error: type[LoraCliError]) -> None:
+        self.path, self._handle, self._error = path, handle, error
+        self.header = read_header(path, error)
+        self.metadata: dict[str, str] = self.header.pop("__metadata__", None) or {}
+        self._data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return sorted(self.header, key=lambda name: self.header[name]["data_offsets"][0])
+
+    def raw(self, name: str) -> bytes:
+        begin, end = self.header[name]["data_offsets"]
+        self._handle.seek(self._data_start + begin)
+        raw = self._handle.read(end - begin)
+        if len(raw) != end - begin:
+            raise self._error(f"{self.path}: damaged safetensors file (tensor {name} is cut short)")
+        return raw
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        if entry["dtype"] not in DTYPES:
+            raise self._error(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        raw = self.raw(name)
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+
+
+@contextmanager
+def open_readers(paths: list[Path], error: type[LoraCliError]) -> Iterator[list[TensorReader]]:
+    with ExitStack() as stack:
+        yield [TensorReader(path, stack.enter_context(open(path, "rb")), error) for path in paths]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of a file to be written: its header entry and how to produce its bytes when its turn comes."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    produce: Callable[[], bytes]
+
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * DTYPES[self.dtype].itemsize
+
+
+def write_streamed(target: Path, planned: list[PlannedTensor], metadata: dict[str, str]) -> None:
+    """Write the planned tensors in order to `target` atomically; a produced size that differs is a bug."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for item in planned:
+        header[item.name] = {"dtype": item.dtype, "shape": item.shape, "data_offsets": [offset, offset + item.nbytes()]}
+        offset += item.nbytes()
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % ALIGN)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for item in planned:
+            data = item.produce()
+            if len(data) != item.nbytes():
+                raise ValueError(f"{item.name}: produced {len(data)} bytes, planned {item.nbytes()}")
+            out.write(data)
+
+
 def stream_rewrite(
     source: Path,
     target: Path,
@@ -36,49 +110,27 @@ def stream_rewrite(
     error: type[LoraCliError],
 ) -> None:
     """Copy `source` to `target`, passing the `wanted` tensors through `transform` (the others are copied as
-    bytes); metadata is merged into the header."""
-    header = read_header(source, error)
-    old_metadata = header.pop("__metadata__", None) or {}
-    names = sorted(header, key=lambda name: header[name]["data_offsets"][0])
-    out_header: dict = {"__metadata__": {**old_metadata, **metadata}}
-    offset = 0
-    for name in names:
-        begin, end = header[name]["data_offsets"]
-        out_header[name] = {
-            "dtype": header[name]["dtype"],
-            "shape": header[name]["shape"],
-            "data_offsets": [offset, offset + end - begin],
-        }
-        offset += end - begin
-    encoded = json.dumps(out_header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % ALIGN)
-    with open(source, "rb") as reader:
-        data_start = 8 + struct.unpack("<Q", reader.read(8))[0]
-        with atomic_path(target) as tmp, open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            for name in names:
-                begin, end = header[name]["data_offsets"]
-                reader.seek(data_start + begin)
-                raw = reader.read(end - begin)
-                if len(raw) != end - begin:
-                    raise error(f"{source}: damaged safetensors file (tensor {name} is cut short)")
-                if wanted(name):
-                    raw = _transformed(name, raw, header[name], transform)
-                out.write(raw)
+    bytes); metadata is merged into the header. A transform keeps each tensor's dtype and shape."""
+    with open_readers([source], error) as (reader,):
+
+        def produce(name: str) -> Callable[[], bytes]:
+            if not wanted(name):
+                return lambda: reader.raw(name)
+            return lambda: tensor_bytes(transform(name, reader.tensor(name)))
+
+        planned = [
+            PlannedTensor(name, reader.header[name]["dtype"], reader.header[name]["shape"], produce(name))
+            for name in reader.names()
+        ]
+        write_streamed(target, planned, {**reader.metadata, **metadata})
 
 
-def _transformed(name: str, raw: bytes, entry: dict, transform: Transform) -> bytes:
-    dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
-    original = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
-    tensor = transform(name, original)
-    if tensor.dtype != original.dtype or tuple(tensor.shape) != tuple(original.shape):
-        raise ValueError(f"transform changed {name}")  # a bug in the caller, not user input
-    return _tensor_bytes(tensor)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return b""
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 from lora_cli.builtin import BUILTIN_PREFIX, builtin_models, builtin_path
 from lora_cli.config.schema import ModelSection
 from lora_cli.errors import ModelLoadError
-from lora_cli.io.safetensors_file import PICKLE_SUFFIXES, header_fingerprint
+from lora_cli.io.safetensors_file import PICKLE_SUFFIXES, header_fingerprint, read_header
 
 
 def local_location(spec: ModelSection) -> Path | None:
@@ -35,14 +35,16 @@ def local_location(spec: ModelSection) -> Path | None:
 
 
 def pipeline_class_name(spec: ModelSection, location: Path | None) -> str:
-    """The `_class_name` from model_index.json; single-file checkpoints are assumed Stable Diffusion."""
+    """The `_class_name` from model_index.json, or the family a single-file checkpoint's keys belong to."""
     if location is not None and location.is_file():
         if location.suffix.lower() != ".safetensors":
             raise ModelLoadError(
                 f"model.path: {location} is not a .safetensors checkpoint; "
                 "pickle formats are refused (they can run code)"
             )
-        return "StableDiffusionPipeline"
+        from lora_cli.models.single_file import detect_layout
+
+        return detect_layout(read_header(location, ModelLoadError), f"model.path: {location}").pipeline_class
     if location is not None:
         index = location / "model_index.json"
         if not index.is_file():

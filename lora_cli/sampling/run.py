@@ -24,6 +24,7 @@ class SampleRequest:
     base: str
     prompts: list[str]
     out: Path
+    config: str | None = None  # diffusers configs for a single-file base (a folder or hub id)
     adapters: list[tuple[Path, float]] = field(default_factory=list)
     negative_prompt: str = ""
     seed: int = 0
@@ -72,7 +73,7 @@ def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
         raise OutputExistsError(f"{request.out} already holds samples; pass --overwrite or choose another --out")
     device = _device(request.device)
     dtype = "float16" if device.type == "cuda" else "float32"
-    base = load_base(ModelSection(path=request.base, dtype=dtype))
+    base = load_base(ModelSection(path=request.base, config=request.config, dtype=dtype))
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.to(device)
     base.pipeline_extras["scheduler"] = make_scheduler(request.scheduler, base.pipeline_extras["scheduler"])
