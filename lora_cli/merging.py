@@ -146,6 +146,9 @@ def _merge_single_file(weights: BaseWeights, merger: _Merger, out: Path, metadat
             held.setdefault(placement.key, []).append((key, placement))
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        (key, placement), *others = held[name]
+        if not others and placement == Placement(placement.key):  # stored as in diffusers: no copy needed
+            return merger.merge(key, tensor.float()).to(tensor.dtype)
         merged = tensor.float().clone()
         for key, placement in held[name]:
             part = unplace(merged, placement)

@@ -16,7 +16,7 @@ def lora_delta(named: Named, shape: torch.Size) -> torch.Tensor:
     """(alpha / r) * up @ down, convolutions as (out, in * kh * kw) matrices."""
     down, up = named["lora_down.weight"].float(), named["lora_up.weight"].float()
     scale = _alpha(named, down.shape[0]) / down.shape[0]
-    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+    return (up.flatten(1) @ down.flatten(1)).reshape(shape).mul_(scale)
 
 
 def loha_delta(named: Named, shape: torch.Size) -> torch.Tensor:
@@ -59,9 +59,9 @@ def delta_weight(named: Named, shape: torch.Size) -> torch.Tensor:
 def merged_weight(weight: torch.Tensor, named: Named, strength: float = 1.0) -> torch.Tensor:
     """W + strength * delta in float32; with `dora_scale`, the DoRA renormalisation per output channel."""
     base = weight.float()
-    combined = base + delta_weight(named, weight.shape)
     if "dora_scale" not in named:
-        return base + strength * (combined - base)
+        return delta_weight(named, weight.shape).mul_(strength).add_(base)
+    combined = base + delta_weight(named, weight.shape)
     view = (-1, *[1] * (weight.dim() - 1))
     norm = combined.flatten(1).norm(dim=1).reshape(view)
     magnitude = named["dora_scale"].float().reshape(view)

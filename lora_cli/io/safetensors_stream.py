@@ -55,9 +55,15 @@ class TensorReader:
         entry = self.header[name]
         if entry["dtype"] not in DTYPES:
             raise self._error(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        raw = self.raw(name)
         dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        self._handle.seek(self._data_start + begin)
+        if self._handle.readinto(buffer) != end - begin:
+            raise self._error(f"{self.path}: damaged safetensors file (tensor {name} is cut short)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 @contextmanager
@@ -73,7 +79,7 @@ class PlannedTensor:
     name: str
     dtype: str
     shape: list[int]
-    produce: Callable[[], bytes]
+    produce: Callable[[], bytes | memoryview]
 
     def nbytes(self) -> int:
         count = 1
@@ -96,8 +102,8 @@ def write_streamed(target: Path, planned: list[PlannedTensor], metadata: dict[st
         out.write(encoded)
         for item in planned:
             data = item.produce()
-            if len(data) != item.nbytes():
-                raise ValueError(f"{item.name}: produced {len(data)} bytes, planned {item.nbytes()}")
+            if memoryview(data).nbytes != item.nbytes():
+                raise ValueError(f"{item.name}: produced {memoryview(data).nbytes} bytes, planned {item.nbytes()}")
             out.write(data)
 
 
@@ -113,7 +119,7 @@ def stream_rewrite(
     bytes); metadata is merged into the header. A transform keeps each tensor's dtype and shape."""
     with open_readers([source], error) as (reader,):
 
-        def produce(name: str) -> Callable[[], bytes]:
+        def produce(name: str) -> Callable[[], bytes | memoryview]:
             if not wanted(name):
                 return lambda: reader.raw(name)
             return lambda: tensor_bytes(transform(name, reader.tensor(name)))
@@ -125,11 +131,12 @@ def stream_rewrite(
         write_streamed(target, planned, {**reader.metadata, **metadata})
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy where it is already contiguous on the CPU."""
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
-        return b""
-    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
