@@ -7,6 +7,7 @@ class LoraCliError(Exception):
     """Base for every error caused by user input or the environment, never by a bug."""
 
     exit_code = 2
+    label = "error"
 
 
 class PresetError(LoraCliError):
@@ -33,7 +34,18 @@ class OutputExistsError(LoraCliError):
     """Writing would overwrite results of an earlier run."""
 
 
+class OutputWriteError(LoraCliError):
+    """An output could not be written (disk full, permissions); earlier outputs are intact."""
+
+
 class TrainingDivergedError(LoraCliError):
     """The loss or gradients became non-finite."""
 
     exit_code = 3
+
+
+class TrainingInterrupted(LoraCliError):
+    """The user stopped the run (Ctrl-C or SIGTERM); a checkpoint was saved."""
+
+    exit_code = 130
+    label = "stopped"

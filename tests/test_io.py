@@ -66,11 +66,11 @@ def test_checkpoint_state_round_trips_exactly_without_pickle(tmp_path: Path) -> 
         6,
         optimizer,
         {"last_epoch": 3, "base_lrs": [0.1]},
-        torch.arange(4, dtype=torch.uint8),
         torch.arange(5, dtype=torch.uint8),
         [],
         {"train": {"steps": 9}},
         scaler.state_dict(),
+        processes=2,
     )
     save_checkpoint(tmp_path / "step-000003", {"a.lora_down.weight": torch.ones(2, 2)}, state)
     adapter, back = load_checkpoint(tmp_path / "step-000003")
@@ -78,4 +78,4 @@ def test_checkpoint_state_round_trips_exactly_without_pickle(tmp_path: Path) -> 
     assert back.grad_scaler == scaler.state_dict() and back.scheduler == state.scheduler
     assert back.optimizer["param_groups"][0]["betas"] == (0.9, 0.99) and back.optimizer["state"][0]["note"] == "x"
     assert torch.equal(back.optimizer["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
-    assert (back.step, back.micro_step) == (3, 6) and torch.equal(back.generator, state.generator)
+    assert (back.step, back.micro_step, back.processes) == (3, 6, 2) and torch.equal(back.torch_rng, state.torch_rng)

@@ -12,13 +12,14 @@ DEBUG_VARIABLE = "LORA_CLI_DEBUG"
 
 
 def run_app(app: Callable[..., object], prog_name: str) -> None:
-    """Call a typer app; LoraCliError -> `error: ...` and its exit code (LORA_CLI_DEBUG=1 shows tracebacks)."""
+    """Call a typer app; LoraCliError -> `error: ...` (or its label) and its exit code
+    (LORA_CLI_DEBUG=1 shows tracebacks)."""
     try:
         app(prog_name=prog_name, standalone_mode=True)
     except LoraCliError as exc:
         if os.environ.get(DEBUG_VARIABLE):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{exc.label}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

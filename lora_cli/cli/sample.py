@@ -52,6 +52,10 @@ def sample(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples"),
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace samples already in --out.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Accept .ckpt/.pt/.bin base and adapters (restricted unpickling)."),
+    ] = False,
 ) -> None:
     from rich.console import Console
 
@@ -83,6 +87,7 @@ def sample(
         stack=stack,
         device=device,
         overwrite=overwrite,
+        allow_pickle=allow_pickle,
     )
     quiet_libraries()
     from lora_cli.sampling.run import run_sampling

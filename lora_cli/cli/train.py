@@ -31,6 +31,10 @@ def train(
         bool, typer.Option("--overwrite", help="Replace the results of an earlier run in output.dir.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw a progress bar.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Accept a .ckpt/.pt/.bin base (restricted unpickling: tensors only)."),
+    ] = False,
 ) -> None:
     from rich.console import Console
 
@@ -39,7 +43,7 @@ def train(
 
     if resume and overwrite:
         raise PresetError("--resume and --overwrite contradict each other; choose one")
-    loaded = load_preset(preset, overrides or [])
+    loaded = load_preset(preset, [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])])
     quiet_libraries()
     from lora_cli.training.run import train as run_training
 

@@ -35,6 +35,12 @@ class ModelSection(Section):
         "float32",
         description="Storage dtype of the frozen base weights. Adapter weights always train in float32.",
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Accept a pickle-based checkpoint (`.ckpt`, `.pt`, `.bin`), read with restricted unpickling "
+        "(tensors only). Pickle files can run code when loaded, so they are refused unless this is set "
+        "(`lora-train --allow-pickle` sets it).",
+    )
 
 
 TARGET_PRESETS = ("attention", "attention_ff", "full")

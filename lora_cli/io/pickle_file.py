@@ -29,7 +29,7 @@ def as_safetensors(paths: list[Path], allow_pickle: bool, scratch_beside: Path) 
         return
     scratch_beside.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".lora-cli-unpickled.", dir=scratch_beside) as scratch:
-        yield [_convert(path, Path(scratch) / f"{index}.safetensors") if is_pickle(path) else path
+        yield [_convert(path, Path(scratch) / str(index) / f"{path.stem}.safetensors") if is_pickle(path) else path
                for index, path in enumerate(paths)]  # fmt: skip
 
 

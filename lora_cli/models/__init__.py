@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from lora_cli.config.schema import ModelSection
 from lora_cli.errors import ModelLoadError
+from lora_cli.io.pickle_file import as_safetensors, is_pickle
 from lora_cli.models.base import Architecture, BaseIdentity, LoadedBase
 from lora_cli.models.source import local_location, pipeline_class_name
 from lora_cli.models.stable_diffusion import StableDiffusion
@@ -13,9 +17,21 @@ ARCHITECTURES: tuple[Architecture, ...] = (StableDiffusion(),)
 
 def load_base(spec: ModelSection) -> LoadedBase:
     """Load the base named by the preset's `model` section, frozen, in its storage dtype."""
+    location = local_location(spec)
+    if location is not None and location.is_file() and is_pickle(location):
+        if not spec.allow_pickle:
+            raise ModelLoadError(
+                f"model.path: {location} is a pickle-based checkpoint, which can run code when loaded; "
+                "convert it to .safetensors or pass --allow-pickle"
+            )
+        with as_safetensors([location], True, Path(tempfile.gettempdir())) as (converted,):
+            return _load(spec, converted)
+    return _load(spec, location)
+
+
+def _load(spec: ModelSection, location: Path | None) -> LoadedBase:
     import torch
 
-    location = local_location(spec)
     class_name = pipeline_class_name(spec, location)
     architecture = next((arch for arch in ARCHITECTURES if arch.matches(class_name)), None)
     if architecture is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from rich.console import Console
 from lora_cli.config.schema import ModelSection
 from lora_cli.errors import LoraCliError, OutputExistsError
 from lora_cli.io.atomic import write_with
+from lora_cli.io.pickle_file import as_safetensors
 from lora_cli.sampling import generate_images, image_grid
 from lora_cli.sampling.patcher import AdapterFile
 from lora_cli.sampling.png import save_png
@@ -38,6 +40,7 @@ class SampleRequest:
     stack: bool = False
     device: str = "auto"
     overwrite: bool = False
+    allow_pickle: bool = False  # accept .ckpt/.pt/.bin base and adapters (restricted unpickling)
 
 
 @dataclass(frozen=True)
@@ -65,23 +68,27 @@ def plan_columns(request: SampleRequest, files: list[AdapterFile]) -> list[Colum
 
 def run_sampling(request: SampleRequest, console: Console) -> list[Path]:
     """Draw the grid; returns the written PNGs (each image, then the grid)."""
-
-    from lora_cli.models import load_base
-
     grid_path = request.out / "grid.png"
     if grid_path.exists() and not request.overwrite:
         raise OutputExistsError(f"{request.out} already holds samples; pass --overwrite or choose another --out")
+    adapters = [path for path, _ in request.adapters]
+    with as_safetensors(adapters, request.allow_pickle, Path(tempfile.gettempdir())) as readable:
+        return _draw_grid(request, readable, grid_path, console)
+
+
+def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Path, console: Console) -> list[Path]:
+    from lora_cli.models import load_base
+
     device = _device(request.device)
     dtype = "float16" if device.type == "cuda" else "float32"
-    base = load_base(ModelSection(path=request.base, config=request.config, dtype=dtype))
+    spec = ModelSection(path=request.base, config=request.config, dtype=dtype, allow_pickle=request.allow_pickle)
+    base = load_base(spec)
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.to(device)
     base.pipeline_extras["scheduler"] = make_scheduler(request.scheduler, base.pipeline_extras["scheduler"])
     pipeline = base.architecture.build_pipeline(base)
-    switcher = make_switcher(
-        base.trainable_components(), base.architecture.kohya_table, [path for path, _ in request.adapters]
-    )
-    files = [switcher.read(path) for path, _ in request.adapters]
+    switcher = make_switcher(base.trainable_components(), base.architecture.kohya_table, adapter_paths)
+    files = [switcher.read(path) for path in adapter_paths]
     size = request.size or _native_size(base)
     rows = [(prompt, request.seed + i) for prompt in request.prompts for i in range(request.images_per_prompt)]
     columns = plan_columns(request, files)

@@ -29,13 +29,11 @@ class MetricsLog:
         self.path, self.every = path, every
 
     def on_start(self, session: TrainingSession) -> None:
+        from lora_cli.training.plots import read_metrics
+
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= session.step
-            ]
-            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(self.path) if record["step"] <= session.step]
+            write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
         if session.step % self.every == 0 or session.step == session.total_steps:

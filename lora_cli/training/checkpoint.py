@@ -31,11 +31,11 @@ class TrainingState:
     micro_step: int
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    generator: torch.Tensor
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor]
     preset: dict[str, Any]
     grad_scaler: dict[str, Any] | None = None  # fp16 loss scaling, so a resumed run keeps its scale
+    processes: int = 1  # the global batch is batch_size x processes; a resume on another count converts
 
 
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
@@ -76,11 +76,12 @@ def prune_checkpoints(checkpoints: Path, keep: int) -> None:
 
 
 def _flatten(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {"rng.generator": state.generator, "rng.torch": state.torch_rng}
+    tensors = {"rng.torch": state.torch_rng}
     tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(state.cuda_rng)})
     metadata = {
         "step": str(state.step),
         "micro_step": str(state.micro_step),
+        "processes": str(state.processes),
         "optimizer": json.dumps(_encode(state.optimizer, "optimizer", tensors)),
         "scheduler": json.dumps(_encode(state.scheduler, "scheduler", tensors)),
         "preset": json.dumps(state.preset),
@@ -96,11 +97,11 @@ def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Tr
         micro_step=int(metadata["micro_step"]),
         optimizer=_decode(json.loads(metadata["optimizer"]), tensors),
         scheduler=_decode(json.loads(metadata["scheduler"]), tensors),
-        generator=tensors["rng.generator"],
         torch_rng=tensors["rng.torch"],
         cuda_rng=[tensors[k] for k in cuda],
         preset=json.loads(metadata["preset"]),
         grad_scaler=_decode(json.loads(metadata.get("grad_scaler", "null")), tensors),
+        processes=int(metadata.get("processes", "1")),
     )
 
 

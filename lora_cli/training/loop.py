@@ -7,9 +7,10 @@ import math
 
 import torch
 
-from lora_cli.errors import TrainingDivergedError
+from lora_cli.errors import TrainingDivergedError, TrainingInterrupted
 from lora_cli.training.callbacks import Callback
 from lora_cli.training.data import prepare_caption
+from lora_cli.training.interrupt import StopRequest
 from lora_cli.training.losses import (
     min_snr_weights,
     prediction_target,
@@ -18,32 +19,35 @@ from lora_cli.training.losses import (
     snr,
     weighted_mse,
 )
-from lora_cli.training.session import TrainingSession
+from lora_cli.training.session import BatchSample, TrainingSession
 
 
-def micro_batch_loss(session: TrainingSession, item_indices: list[int]) -> torch.Tensor:
-    """The denoising loss of one micro-batch. All randomness comes from the session's generator."""
-    base, preset, generator = session.base, session.preset, session.generator
+def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> torch.Tensor:
+    """The denoising loss of one micro-batch. Each sample's randomness comes from its own seeded generator."""
+    base, preset = session.base, session.preset
     architecture, scheduler = base.architecture, base.noise_scheduler
     device = session.accelerator.device
+    item_indices = [sample.item for sample in samples]
+    generators = [sample.generator() for sample in samples]
 
     # 1. Latents: sample the cached/live VAE distribution (the noise is drawn on the CPU for reproducibility).
     encodings = session.encoder.encodings(item_indices)
-    vae_noise = torch.randn(encodings[:, : encodings.shape[1] // 2].shape, generator=generator).to(device)
+    sample_shape = encodings[:1, : encodings.shape[1] // 2].shape
+    vae_noise = torch.cat([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
     latents = architecture.latents_from_encoding(base, encodings, vae_noise)
 
     # 2. Forward diffusion at random timesteps.
-    noise = sample_noise(tuple(latents.shape), preset.train.noise_offset, generator).to(device)
-    timesteps = sample_timesteps(len(item_indices), scheduler.config.num_train_timesteps, generator).to(device)
+    one = (1, *latents.shape[1:])
+    noise = torch.cat([sample_noise(one, preset.train.noise_offset, g) for g in generators]).to(device)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    timesteps = torch.cat([sample_timesteps(1, num_train_timesteps, g) for g in generators]).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
     # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch).
     data = preset.data
     captions = [
-        prepare_caption(
-            session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, generator
-        )
-        for i in item_indices
+        prepare_caption(session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, g)
+        for i, g in zip(item_indices, generators, strict=True)
     ]
     conditioning = session.encoder.conditioning(captions)
     # The frozen base may be stored in half precision (model.dtype); its inputs must match it.
@@ -78,7 +82,7 @@ def optimizer_step(session: TrainingSession) -> dict[str, float]:
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(_diverged(session, "loss", loss.item()))
             accelerator.backward(loss / accumulation)
-        total += loss.item() / accumulation
+        total += loss.detach() / accumulation
 
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
     if train.max_grad_norm is not None:
@@ -92,11 +96,13 @@ def optimizer_step(session: TrainingSession) -> dict[str, float]:
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     session.step += 1
-    return {"loss": total, "lr": lr, "grad_norm": grad_norm, "epoch": session.epoch}
+    mean_loss = accelerator.reduce(total, reduction="mean").item() if accelerator.num_processes > 1 else total.item()
+    return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "epoch": session.epoch}
 
 
-def run_loop(session: TrainingSession, callbacks: list[Callback]) -> None:
-    """Train from `session.step` to `session.total_steps`, calling the callbacks around each step."""
+def run_loop(session: TrainingSession, callbacks: list[Callback], stop: StopRequest | None = None) -> None:
+    """Train from `session.step` to `session.total_steps`, calling the callbacks around each step. A stop
+    request (Ctrl-C, SIGTERM) ends the loop after the current step with a checkpoint."""
     for callback in callbacks:
         callback.on_start(session)
     completed = False
@@ -105,10 +111,28 @@ def run_loop(session: TrainingSession, callbacks: list[Callback]) -> None:
             metrics = optimizer_step(session)
             for callback in callbacks:
                 callback.on_step(session, metrics)
+            if stop is not None and stop.requested(session.accelerator):
+                _save_and_stop(session, stop)
         completed = True
     finally:
         for callback in callbacks:
             callback.on_end(session, completed)
+
+
+def _save_and_stop(session: TrainingSession, stop: StopRequest) -> None:
+    from lora_cli.training.checkpoint import checkpoint_dir
+    from lora_cli.training.resume import write_checkpoint
+
+    folder = None
+    if session.accelerator.is_main_process:
+        folder = checkpoint_dir(session.paths.checkpoints, session.step)
+        if not folder.is_dir():  # unless this step's checkpoint was just written
+            folder = write_checkpoint(session)
+    session.accelerator.wait_for_everyone()
+    where = f"checkpoint saved to {folder}" if folder else "checkpoint saved by the main process"
+    raise TrainingInterrupted(
+        f"{stop.signal_name or 'stop requested'} at step {session.step}: {where}; continue with --resume"
+    )
 
 
 def _diverged(session: TrainingSession, what: str, value: float) -> str:

@@ -78,6 +78,16 @@ def claim_run_folder(paths: RunPaths, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def remove_stale_temporaries(paths: RunPaths) -> int:
+    """Delete the temporary files and folders (`.NAME.*.tmp`) that a killed run left behind; returns how many."""
+    if not paths.root.is_dir():
+        return 0
+    stale = sorted(p for p in paths.root.rglob(".*.tmp") if p.name.startswith("."))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def adapter_metadata(
     preset: Preset, identity: BaseIdentity, adapter: InjectedAdapter, step: int, dataset_fingerprint: str
 ) -> dict[str, str]:

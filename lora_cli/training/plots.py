@@ -21,7 +21,7 @@ def plot_loss(metrics_file: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_file)
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     smoothed, average = [], losses[0] if losses else 0.0
@@ -39,8 +39,23 @@ def plot_loss(metrics_file: Path, out: Path) -> None:
     plt.close(figure)
 
 
+def read_metrics(metrics_file: Path) -> list[dict]:
+    """The logged records; a line cut short by a killed run is skipped."""
+    records = []
+    for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
 def plot_loss_in_subprocess(metrics_file: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "lora_cli.training.plots", str(metrics_file), str(out)], check=True)
+    """Draw the plot in a child process; if that fails (a full disk, say) the run goes on without it."""
+    command = [sys.executable, "-m", "lora_cli.training.plots", str(metrics_file), str(out)]
+    subprocess.run(command, capture_output=True, check=False)
 
 
 if __name__ == "__main__":

@@ -31,45 +31,60 @@ def write_checkpoint(session: TrainingSession) -> Path:
         micro_step=session.micro_step,
         optimizer=session.optimizer.state_dict(),
         scheduler=session.scheduler.state_dict(),
-        generator=session.generator.get_state(),
         torch_rng=torch.get_rng_state(),
         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         preset=session.preset.model_dump(mode="json"),
         grad_scaler=session.accelerator.scaler.state_dict() if session.accelerator.scaler else None,
+        processes=session.accelerator.num_processes,
     )
     folder = checkpoint_dir(session.paths.checkpoints, session.step)
-    save_checkpoint(folder, to_kohya(session.adapter.tensors(), table), state)
+    try:
+        save_checkpoint(folder, to_kohya(session.adapter.tensors(), table), state)
+    except OSError as exc:
+        previous = list_checkpoints(session.paths.checkpoints)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"step {session.step}: cannot write checkpoint {folder} ({exc.strerror or exc}); {kept}; "
+            "free disk space and continue with --resume"
+        ) from None
     prune_checkpoints(session.paths.checkpoints, session.preset.output.keep_last)
     return folder
 
 
-def find_checkpoint(session: TrainingSession, explicit: Path | None) -> Path:
-    if explicit is not None:
-        return explicit
-    found = list_checkpoints(session.paths.checkpoints)
-    if not found:
-        raise CheckpointError(
-            f"{session.paths.checkpoints}: no checkpoint to resume from; "
-            "set output.save_every to write them, or start without --resume"
-        )
-    return found[-1]
-
-
-def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
-    adapter_flat, state = load_checkpoint(folder)
+def _check_unchanged(session: TrainingSession, saved_preset: dict, saved_processes: int, folder: Path) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, except train.steps/epochs, and
+    train.batch_size when the global batch (batch size x processes) stays the same."""
     current = session.preset.model_dump(mode="json")
+    processes = session.accelerator.num_processes
+    saved_global = saved_preset.get("train", {}).get("batch_size", 0) * saved_processes
+    same_global = current["train"]["batch_size"] * processes == saved_global
     for section in FROZEN_SECTIONS:
-        saved = state.preset.get(section, {})
+        saved = saved_preset.get(section, {})
         changed = sorted(
             key
             for key in current[section]
-            if saved.get(key) != current[section][key] and (section, key) not in MAY_CHANGE
+            if saved.get(key) != current[section][key]
+            and (section, key) not in MAY_CHANGE
+            and not ((section, key) == ("train", "batch_size") and same_global)
         )
         if changed:
             raise CheckpointError(
                 f"{folder}: the checkpoint was trained with different `{section}` settings "
                 f"({', '.join(f'{section}.{k}' for k in changed)}); restore them or start a new run"
             )
+
+
+def find_checkpoint(session: TrainingSession, explicit: Path | None) -> Path | None:
+    """The checkpoint to resume from: the given one, else the run folder's latest (None if it has none)."""
+    if explicit is not None:
+        return explicit
+    found = list_checkpoints(session.paths.checkpoints)
+    return found[-1] if found else None
+
+
+def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
+    adapter_flat, state = load_checkpoint(folder)
+    _check_unchanged(session, state.preset, state.processes, folder)
     table = session.base.architecture.kohya_table
     index = kohya_module_index(session.adapter.targets, table)
     session.adapter.load_tensors(from_kohya(adapter_flat, index, str(folder)), str(folder))
@@ -77,10 +92,13 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
     session.scheduler.load_state_dict(state.scheduler)
     if state.grad_scaler and session.accelerator.scaler:
         session.accelerator.scaler.load_state_dict(state.grad_scaler)
-    session.generator.set_state(state.generator)
     torch.set_rng_state(state.torch_rng)
     if state.cuda_rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state.cuda_rng)
-    session.step, session.micro_step = state.step, state.micro_step
+    session.step = state.step
+    # The data position in global batches; a different global batch size counts the samples seen so far anew.
+    saved_global = state.preset["train"]["batch_size"] * state.processes
+    current_global = session.preset.train.batch_size * session.accelerator.num_processes
+    session.micro_step = state.micro_step * saved_global // current_global
     if session.step > session.total_steps:
         raise CheckpointError(f"{folder}: checkpoint is at step {session.step}, past train.steps={session.total_steps}")

@@ -10,11 +10,14 @@ from rich.console import Console
 from datasets_tools.check import Report
 from lora_cli.adapters.injection import InjectedAdapter
 from lora_cli.config import Preset, preset_to_yaml
+from lora_cli.errors import OutputWriteError
 from lora_cli.io.adapter_file import save_adapter
 from lora_cli.io.atomic import write_text_atomic
 from lora_cli.models import LoadedBase
 from lora_cli.training.data import TrainingData
-from lora_cli.training.outputs import adapter_metadata, claim_run_folder
+from lora_cli.training.distributed import check_processes_agree
+from lora_cli.training.interrupt import stop_on_signals
+from lora_cli.training.outputs import adapter_metadata, claim_run_folder, remove_stale_temporaries
 from lora_cli.training.session import TrainingSession, build_session, prepare_model, run_paths, scan_dataset
 
 
@@ -39,6 +42,7 @@ def train(
     resuming = resume or resume_from is not None
     if not dry_run:
         claim_run_folder(paths, resuming, overwrite)
+        remove_stale_temporaries(paths)
     base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run)
     if dry_run:
         _describe_plan(console, preset, scan, base, adapter, data)
@@ -47,13 +51,18 @@ def train(
     session = build_session(preset, paths, base, adapter, data)
     if resuming:
         checkpoint = find_checkpoint(session, resume_from)
-        restore_checkpoint(session, checkpoint)
-        console.print(f"resumed from {checkpoint} at step {session.step}", highlight=False)
+        if checkpoint is None:
+            console.print(f"[yellow]warning[/]: no checkpoint in {paths.checkpoints} yet; starting from step 0")
+        else:
+            restore_checkpoint(session, checkpoint)
+            console.print(f"resumed from {checkpoint} at step {session.step}", highlight=False)
     if session.accelerator.is_main_process:
         paths.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(paths.preset, preset_to_yaml(preset))
-    run_loop(session, default_callbacks(session, show_progress))
+    with stop_on_signals() as stop:
+        run_loop(session, default_callbacks(session, show_progress), stop)
     session.accelerator.wait_for_everyone()
+    check_processes_agree(session)
     if session.accelerator.is_main_process:
         _write_adapter(session)
         console.print(f"adapter written to {paths.adapter}", highlight=False)
@@ -63,15 +72,21 @@ def train(
 def _write_adapter(session: TrainingSession) -> None:
     preset = session.preset
     metadata = adapter_metadata(preset, session.base.identity, session.adapter, session.step, session.data.fingerprint)
-    save_adapter(
-        session.paths.adapter,
-        session.adapter.tensors(),
-        session.adapter.ranks(),
-        session.adapter.algorithm,
-        preset.output.format,
-        session.base.architecture.kohya_table,
-        metadata,
-    )
+    try:
+        save_adapter(
+            session.paths.adapter,
+            session.adapter.tensors(),
+            session.adapter.ranks(),
+            session.adapter.algorithm,
+            preset.output.format,
+            session.base.architecture.kohya_table,
+            metadata,
+        )
+    except OSError as exc:
+        raise OutputWriteError(
+            f"{session.paths.adapter}: cannot write the adapter ({exc.strerror or exc}); the checkpoints in "
+            f"{session.paths.checkpoints} are intact: free disk space and run again with --resume"
+        ) from None
 
 
 def _describe_plan(

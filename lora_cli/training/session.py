@@ -21,9 +21,27 @@ from lora_cli.training.outputs import RunPaths
 from lora_cli.training.prior import prior_items
 
 
+@dataclass(frozen=True)
+class BatchSample:
+    """One sample of a micro-batch: the data item and the seed of its randomness (VAE sample, noise,
+    timestep, caption dropout). The seed depends on the run's seed, the micro-batch and the sample's position
+    in the global batch, so a run on N processes draws exactly what a 1-process run with N times the batch
+    draws, and a resumed run continues exactly."""
+
+    item: int
+    seed: int
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+def sample_seed(run_seed: int, micro_step: int, position: int) -> int:
+    return ((run_seed * 1_000_003 + micro_step) * 65_537 + position) % 2**63
+
+
 @dataclass
 class TrainingSession:
-    """Everything the loop touches. `step` counts optimizer steps, `micro_step` micro-batches consumed."""
+    """Everything the loop touches. `step` counts optimizer steps, `micro_step` global micro-batches consumed."""
 
     preset: Preset
     paths: RunPaths
@@ -35,23 +53,27 @@ class TrainingSession:
     denoiser: torch.nn.Module
     optimizer: Any
     scheduler: Any
-    generator: torch.Generator
     total_steps: int
     batches_per_epoch: int
     step: int = 0
     micro_step: int = 0
 
-    def next_batch(self) -> list[int]:
-        """Item indices of the next micro-batch for this process; advances the data position."""
+    def next_batch(self) -> list[BatchSample]:
+        """This process's share of the next global micro-batch; advances the data position."""
         epoch, offset = divmod(self.micro_step, self.batches_per_epoch)
         world = self.accelerator.num_processes
         train = self.preset.train
         batches = epoch_batches(self.data, train.batch_size * world, train.seed, epoch, self.preset.data.shuffle)
-        self.micro_step += 1
         batch = batches[offset]
         batch = (batch * world)[: len(batch) + (-len(batch) % world)]  # top up a short batch: every rank gets items
-        positions = batch[self.accelerator.process_index :: world]
-        return [self.data.entries[p] for p in positions]
+        rank = self.accelerator.process_index
+        samples = [
+            BatchSample(self.data.entries[entry], sample_seed(train.seed, self.micro_step, position))
+            for position, entry in enumerate(batch)
+            if position % world == rank
+        ]
+        self.micro_step += 1
+        return samples
 
     @property
     def epoch(self) -> float:
@@ -133,7 +155,6 @@ def build_session(
         denoiser=denoiser,
         optimizer=optimizer,
         scheduler=scheduler,
-        generator=torch.Generator().manual_seed(train.seed),
         total_steps=total_steps,
         batches_per_epoch=batches_per_epoch,
     )
