@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PRESET_VERSION = 1
 
@@ -206,6 +206,39 @@ class TrainSection(Section):
         return self.learning_rate if self.text_encoder_learning_rate is None else self.text_encoder_learning_rate
 
 
+class FlowSection(Section):
+    """Flow-matching settings (SD3, Flux); ignored by denoising-diffusion bases (SD1.x/2, SDXL)."""
+
+    timesteps: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal",
+        description="How training noise levels (sigmas) are drawn: `logit_normal` (SD3 paper's default: more "
+        "weight on middle noise levels) or `uniform`.",
+    )
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal distribution.")
+    logit_std: float = Field(1.0, gt=0, description="Standard deviation of the logit-normal distribution.")
+    shift: float | Literal["auto"] | None = Field(
+        None,
+        description="Shift drawn sigmas towards noise: a number s maps sigma to s*sigma/(1+(s-1)*sigma); `auto` "
+        "derives it from the image size (Flux's resolution-dependent shift). Default: the base's own "
+        "(3.0 for SD3, `auto` for Flux).",
+    )
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Loss weighting over noise levels: `none`, `sigma_sqrt` or `cosmap` (SD3 paper)."
+    )
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        description="Guidance value fed to guidance-distilled models (Flux dev) while training; ignored by others.",
+    )
+
+    @field_validator("shift")
+    @classmethod
+    def _positive_shift(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("flow.shift must be positive (or `auto`)")
+        return value
+
+
 class CacheSection(Section):
     latents: bool = Field(False, description="Encode images once to disk (under `output.dir/cache`) and free the VAE.")
     text_embeddings: bool = Field(
@@ -248,6 +281,7 @@ class Preset(Section):
     data: DataSection
     prior: PriorSection = PriorSection()
     train: TrainSection
+    flow: FlowSection = FlowSection()
     cache: CacheSection = CacheSection()
     output: OutputSection = OutputSection()
     sample: SampleSection = SampleSection()

@@ -10,8 +10,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from lora_cli.config.schema import ModelSection
+    from lora_cli.config.schema import ModelSection, Preset
     from lora_cli.io.keys import KohyaTable
+    from lora_cli.training.data import CropGeometry
+    from lora_cli.training.objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,12 @@ class Architecture(Protocol):
     def encode_images(self, base: LoadedBase, pixels: torch.Tensor) -> torch.Tensor: ...
 
     def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> Objective: ...
+
+    def image_conditioning(
+        self, base: LoadedBase, geometry: list[CropGeometry], device: torch.device
+    ) -> dict[str, torch.Tensor]: ...
 
     def predict(
         self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict

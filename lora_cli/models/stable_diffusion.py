@@ -10,9 +10,11 @@ import torch
 from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import BaseIdentity, LoadedBase
 from lora_cli.models.source import weight_fingerprint
+from lora_cli.training.objectives import DenoisingObjective
 
 if TYPE_CHECKING:
-    from lora_cli.config.schema import ModelSection
+    from lora_cli.config.schema import ModelSection, Preset
+    from lora_cli.training.data import CropGeometry
 
 
 class StableDiffusion:
@@ -109,6 +111,14 @@ class StableDiffusion:
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         scaling = base.pipeline_extras["vae_scaling_factor"]
         return (mean + std * noise) * scaling
+
+    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> DenoisingObjective:
+        return DenoisingObjective(base.noise_scheduler, preset.train.min_snr_gamma)
+
+    def image_conditioning(
+        self, base: LoadedBase, geometry: list[CropGeometry], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        return {}
 
     def predict(
         self,

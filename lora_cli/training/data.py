@@ -27,6 +27,7 @@ class TrainingData:
     entries: list[int]
     buckets: list[tuple[int, int]]
     fingerprint: str
+    geometry: list[CropGeometry]
 
     @classmethod
     def build(
@@ -42,16 +43,30 @@ class TrainingData:
         weights = [1.0] * len(items) + [prior_weight] * len(prior_items)
         times = [item.repeats * repeats for item in items] + [item.repeats for item in prior_items]
         entries = [index for index, count in enumerate(times) for _ in range(count)]
-        buckets = [bucket_size(item, resolution) for item in everything]
-        return cls(everything, digests, weights, entries, buckets, dataset_fingerprint(everything, digests))
+        geometry = [crop_geometry(item, resolution) for item in everything]
+        buckets = [(g.width, g.height) for g in geometry]
+        fingerprint = dataset_fingerprint(everything, digests)
+        return cls(everything, digests, weights, entries, buckets, fingerprint, geometry)
 
 
-def bucket_size(item: DatasetItem, resolution: int) -> tuple[int, int]:
-    """(width, height) the image is trained at: its aspect-ratio bucket, never upscaled (the same buckets
-    `lora-check-dataset` reports)."""
+@dataclass(frozen=True)
+class CropGeometry:
+    """How an image becomes a training sample: its original size, the crop offset in the scaled image and
+    the bucket size (SDXL's micro-conditioning feeds these to the model)."""
+
+    original_width: int
+    original_height: int
+    crop_left: int
+    crop_top: int
+    width: int
+    height: int
+
+
+def crop_geometry(item: DatasetItem, resolution: int) -> CropGeometry:
+    """The image's aspect-ratio bucket, never upscaled (the buckets `lora-check-dataset` reports), and crop."""
     width, height = image_size(item.image)
     assignment = assign_bucket(width, height, make_buckets(resolution), bucket_step(resolution))
-    return assignment.width, assignment.height
+    return CropGeometry(width, height, assignment.crop_left, assignment.crop_top, assignment.width, assignment.height)
 
 
 def load_pixels(path: object, size: tuple[int, int]) -> torch.Tensor:

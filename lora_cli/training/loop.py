@@ -11,21 +11,14 @@ from lora_cli.errors import TrainingDivergedError, TrainingInterrupted
 from lora_cli.training.callbacks import Callback
 from lora_cli.training.data import prepare_caption
 from lora_cli.training.interrupt import StopRequest
-from lora_cli.training.losses import (
-    min_snr_weights,
-    prediction_target,
-    sample_noise,
-    sample_timesteps,
-    snr,
-    weighted_mse,
-)
+from lora_cli.training.losses import sample_noise, weighted_mse
 from lora_cli.training.session import BatchSample, TrainingSession
 
 
 def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> torch.Tensor:
     """The denoising loss of one micro-batch. Each sample's randomness comes from its own seeded generator."""
     base, preset = session.base, session.preset
-    architecture, scheduler = base.architecture, base.noise_scheduler
+    architecture = base.architecture
     device = session.accelerator.device
     item_indices = [sample.item for sample in samples]
     generators = [sample.generator() for sample in samples]
@@ -36,36 +29,33 @@ def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> to
     vae_noise = torch.cat([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
     latents = architecture.latents_from_encoding(base, encodings, vae_noise)
 
-    # 2. Forward diffusion at random timesteps.
+    # 2. Forward process at random noise levels (the architecture's objective: DDPM or flow matching).
     one = (1, *latents.shape[1:])
     noise = torch.cat([sample_noise(one, preset.train.noise_offset, g) for g in generators]).to(device)
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    timesteps = torch.cat([sample_timesteps(1, num_train_timesteps, g) for g in generators]).to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noised = architecture.objective(base, preset, latents).noised(latents, noise, generators)
 
-    # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch).
+    # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch),
+    #    plus what the architecture derives from each image (SDXL's size and crop).
     data = preset.data
     captions = [
         prepare_caption(session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, g)
         for i, g in zip(item_indices, generators, strict=True)
     ]
     conditioning = session.encoder.conditioning(captions)
+    geometry = [session.data.geometry[i] for i in item_indices]
+    conditioning.update(architecture.image_conditioning(base, geometry, device))
     # The frozen base may be stored in half precision (model.dtype); its inputs must match it.
     weight_dtype = base.denoiser.dtype
-    noisy = noisy.to(weight_dtype)
-    conditioning = {key: value.to(weight_dtype) for key, value in conditioning.items()}
+    noisy = noised.noisy.to(weight_dtype)
+    conditioning = {
+        key: value.to(weight_dtype) if value.is_floating_point() else value for key, value in conditioning.items()
+    }
 
-    # 4. Predict and compare with the target the scheduler's parameterisation asks for.
+    # 4. Predict and compare with the objective's target; prior (class) images carry prior.weight.
     with session.accelerator.autocast():
-        prediction = architecture.predict(session.denoiser, noisy, timesteps, conditioning)
-    prediction_type = scheduler.config.prediction_type
-    target = prediction_target(prediction_type, scheduler, latents, noise, timesteps)
-    # Per-sample weights: prior (class) images carry prior.weight; min-SNR rescales by timestep.
-    weights = torch.tensor([session.data.weights[i] for i in item_indices], device=device)
-    if preset.train.min_snr_gamma is not None:
-        gamma = preset.train.min_snr_gamma
-        weights = weights * min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), gamma, prediction_type)
-    return weighted_mse(prediction, target, weights)
+        prediction = architecture.predict(session.denoiser, noisy, noised.timesteps, conditioning)
+    weights = torch.tensor([session.data.weights[i] for i in item_indices], device=device) * noised.weights
+    return weighted_mse(prediction, noised.target, weights)
 
 
 def optimizer_step(session: TrainingSession) -> dict[str, float]:

@@ -20,7 +20,7 @@ from lora_cli.training.session import TrainingSession
 
 # Preset sections that must be identical to resume; the rest (logging, output, samples) may change, and so
 # may train.steps/epochs (to train longer).
-FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "cache")
+FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "flow", "cache")
 MAY_CHANGE = {("train", "steps"), ("train", "epochs")}
 
 
