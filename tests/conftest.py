@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,14 +63,47 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return run_command("train", *args)
 
 
+def fixed_batch_losses(preset: Path, overrides: list[str], shapes_data: Path, steps: int = 60) -> tuple[float, float]:
+    """Mean loss on one fixed image with fixed noise before and after `steps` optimizer steps on it (the
+    dataset is 5 copies of one image, batch 1), through the trainer's own session and loop."""
+    import shutil
+
+    import torch
+
+    from lora_cli.config import load_preset
+    from lora_cli.training.loop import micro_batch_loss, optimizer_step
+    from lora_cli.training.session import BatchSample, build_session, prepare_model, run_paths, scan_dataset
+
+    single = preset.parent / "single-image"
+    single.mkdir()
+    for copy in range(5):  # the dataset floor is 5 images; identical copies keep every batch the same
+        for suffix in (".png", ".txt"):
+            shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{copy}{suffix}")
+    settings = [f"data.folder={single}", "train.batch_size=1", f"train.steps={steps}", *overrides]
+    loaded = load_preset(preset, settings)
+    session = build_session(loaded, run_paths(loaded), *prepare_model(loaded, scan_dataset(loaded)))
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            losses = [micro_batch_loss(session, [BatchSample(0, 1000 + seed)]).item() for seed in range(8)]
+        return sum(losses) / len(losses)
+
+    before = fixed_loss()
+    while session.step < session.total_steps:
+        optimizer_step(session)
+    return before, fixed_loss()
+
+
 def diffusers_image(model: Path, adapter: Path | None, prompt: str, seed: int):
     """What diffusers itself draws (its own pipeline and `load_lora_weights`): an int16 RGB array, 64 px,
     3 steps, guidance 7.5 (the same settings the tests give lora-sample)."""
     import numpy as np
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    sd15 = json.loads((Path(model) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    flags = {"safety_checker": None, "requires_safety_checker": False} if sd15 else {}
+    pipe = DiffusionPipeline.from_pretrained(model, **flags)
     pipe.set_progress_bar_config(disable=True)
     if adapter is not None:
         pipe.load_lora_weights(str(adapter))

@@ -122,3 +122,9 @@ def test_resolved_preset_round_trips_through_yaml(tmp_path: Path) -> None:
     preset = load_preset(write(tmp_path, MINIMAL), ["train.learning_rate=2e-4"])
     again = validate_preset(yaml.safe_load(preset_to_yaml(preset)), "resolved")
     assert again == preset
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "presets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_presets_validate(preset: Path) -> None:
+    loaded = load_preset(preset)
+    assert loaded.train.steps or loaded.train.epochs

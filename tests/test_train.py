@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import fixed_batch_losses, run_cli
 
 
 def load_pipeline(folder: Path):
@@ -172,37 +172,8 @@ def test_resume_latest_after_interruption_continues_in_place(write_preset, tmp_p
     ids=["lora", "locon", "dora", "loha", "lokr"],
 )
 def test_overfitting_one_batch_lowers_the_loss(write_preset, tmp_path: Path, shapes_data: Path, adapter) -> None:
-    from lora_cli.config import load_preset
-    from lora_cli.training.loop import micro_batch_loss, optimizer_step
-    from lora_cli.training.session import BatchSample, build_session, prepare_model, run_paths, scan_dataset
-
-    single = tmp_path / "single"
-    single.mkdir()
-    for copy in range(5):  # the dataset floor is 5 images; identical copies keep every batch the same
-        for suffix in (".png", ".txt"):
-            shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{copy}{suffix}")
-    preset = load_preset(
-        write_preset(),
-        [
-            f"data.folder={single}",
-            "train.batch_size=1",
-            "train.learning_rate=5e-3",
-            "adapter.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2]",
-            "train.steps=60",
-            *adapter,
-        ],
-    )
-    session = build_session(preset, run_paths(preset), *prepare_model(preset, scan_dataset(preset)))
-
-    def fixed_loss() -> float:
-        with torch.no_grad():
-            losses = [micro_batch_loss(session, [BatchSample(0, 1000 + seed)]).item() for seed in range(8)]
-        return sum(losses) / len(losses)
-
-    before = fixed_loss()
-    while session.step < session.total_steps:
-        optimizer_step(session)
-    after = fixed_loss()
+    targets = "adapter.targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2]"
+    before, after = fixed_batch_losses(write_preset(), [targets, "train.learning_rate=5e-3", *adapter], shapes_data)
     assert after < 0.7 * before, (before, after)
 
 

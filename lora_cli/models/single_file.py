@@ -35,6 +35,7 @@ class TextEncoderSlot:
     component: str
     prefix: str
     open_clip: bool  # OpenCLIP names (ViT-H/bigG) rather than Hugging Face CLIP names
+    with_projection: bool = False  # diffusers uses CLIPTextModelWithProjection (module names under text_model.)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ SDXL = SingleFileLayout(
     "StableDiffusionXLPipeline",
     (
         TextEncoderSlot("text_encoder", "conditioner.embedders.0.transformer.", False),
-        TextEncoderSlot("text_encoder_2", "conditioner.embedders.1.model.", True),
+        TextEncoderSlot("text_encoder_2", "conditioner.embedders.1.model.", True, with_projection=True),
     ),
 )
 LAYOUTS = (SDXL, SD2, SD1)
@@ -93,16 +94,22 @@ def layout_for_folder(pipeline_class: str, text_encoder_config: dict) -> SingleF
 
 def to_single_file(layout: SingleFileLayout, component: str, keys: list[str]) -> dict[str, Placement]:
     """`{diffusers_key: Placement}` for one component's parameters; a key with no place is an error."""
-    rules = _rules(layout, component, keys, diffusers_side=True)
+    local = {_without_text_model(component, key): key for key in keys}
+    rules = _rules(layout, component, list(local), diffusers_side=True)
     placed = {}
-    for key in keys:
-        found = rules.lookup(key.removeprefix("text_model.") if component.startswith("text_encoder") else key)
+    for key, original in local.items():
+        found = rules.lookup(key)
         if found is None:
             raise ModelLoadError(
-                f"{component}: parameter {key} has no place in a {layout.family} single-file checkpoint"
+                f"{component}: parameter {original} has no place in a {layout.family} single-file checkpoint"
             )
-        placed[key] = found
+        placed[original] = found
     return placed
+
+
+def _without_text_model(component: str, key: str) -> str:
+    """Text encoders are mapped without transformers' optional `text_model.` level."""
+    return key.removeprefix("text_model.") if component.startswith("text_encoder") else key
 
 
 def from_single_file(layout: SingleFileLayout, keys: list[str]) -> dict[str, list[tuple[str, str, Placement]]]:
@@ -112,10 +119,17 @@ def from_single_file(layout: SingleFileLayout, keys: list[str]) -> dict[str, lis
     for component, prefix in layout.prefixes().items():
         local = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
         rules = _rules(layout, component, local, diffusers_side=False)
+        level = _text_model_level(layout, component)
         for diffusers_key, placement in rules.inverse(local):
             full = Placement(prefix + placement.key, placement.part, placement.transposed, placement.conv)
-            found.setdefault(full.key, []).append((component, diffusers_key, full))
+            name = diffusers_key if diffusers_key.startswith("text_projection") else level + diffusers_key
+            found.setdefault(full.key, []).append((component, name, full))
     return found
+
+
+def _text_model_level(layout: SingleFileLayout, component: str) -> str:
+    slot = next((slot for slot in layout.text_encoders if slot.component == component), None)
+    return "text_model." if slot is not None and slot.with_projection else ""
 
 
 class _Rules:

@@ -32,56 +32,65 @@ class StableDiffusion:
         "text_encoder": KohyaComponent("lora_te_text_model_", drop="text_model."),
     }
 
+    pipeline_class = "StableDiffusionPipeline"
+    # Text encoders by component name: their transformers class and tokenizer sub-folder.
+    text_encoder_classes = {"text_encoder": ("CLIPTextModel", "tokenizer")}
+
     def matches(self, pipeline_class: str) -> bool:
-        return pipeline_class in {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
+        return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
 
     def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase:
         from diffusers import DDPMScheduler
 
         if location is not None and location.is_file():
-            unet, vae, text_encoder, tokenizer, scheduler = self._load_single_file(spec, location, dtype)
+            components = self._load_single_file(spec, location, dtype)
         else:
-            source = str(location) if location is not None else spec.path
-            unet, vae, text_encoder, tokenizer, scheduler = self._load_components(spec, source, dtype)
+            components = self._load_components(spec, str(location) if location is not None else spec.path, dtype)
         identity = BaseIdentity(
             source=spec.path, fingerprint=weight_fingerprint(spec, location), architecture=self.name
         )
+        scheduler, vae = components["scheduler"], components["vae"]
         return LoadedBase(
             architecture=self,
             identity=identity,
-            denoiser=unet,
+            denoiser=components["unet"],
             vae=vae,
-            text_encoders={"text_encoder": text_encoder},
-            tokenizers={"text_encoder": tokenizer},
+            text_encoders={name: components[name] for name in self.text_encoder_classes},
+            tokenizers={name: components[tokenizer] for name, (_, tokenizer) in self.text_encoder_classes.items()},
             noise_scheduler=DDPMScheduler.from_config(scheduler.config),
             pipeline_extras={"scheduler": scheduler, "vae_scaling_factor": vae.config.scaling_factor},
         )
 
-    def _load_components(self, spec: ModelSection, source: str, dtype: torch.dtype) -> tuple:
+    def _load_components(self, spec: ModelSection, source: str, dtype: torch.dtype) -> dict[str, Any]:
         """Load each component from its sub-folder: lighter than importing the pipeline class (~100 MB RSS)."""
         import diffusers
+        import transformers
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         common = {"revision": spec.revision}
         weights = {**common, "variant": spec.variant, "dtype": dtype}
         index = diffusers.DiffusionPipeline.load_config(source, **common)
         scheduler_class = getattr(diffusers, index["scheduler"][1])
-        return (
-            UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
-            AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
-            CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-            scheduler_class.from_pretrained(source, subfolder="scheduler", **common),
-        )
+        components = {
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+            "scheduler": scheduler_class.from_pretrained(source, subfolder="scheduler", **common),
+        }
+        for name, (class_name, tokenizer) in self.text_encoder_classes.items():
+            encoder_class = getattr(transformers, class_name)
+            components[name] = encoder_class.from_pretrained(source, subfolder=name, **weights)
+            components[tokenizer] = transformers.CLIPTokenizer.from_pretrained(source, subfolder=tokenizer, **common)
+        return components
 
-    def _load_single_file(self, spec: ModelSection, location: Path, dtype: torch.dtype) -> tuple:
-        from diffusers import StableDiffusionPipeline
+    def _load_single_file(self, spec: ModelSection, location: Path, dtype: torch.dtype) -> dict[str, Any]:
+        import diffusers
 
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(location), config=spec.config, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
-        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        pipe = pipeline_class.from_single_file(str(location), config=spec.config, dtype=dtype, **self._pipeline_flags())
+        return pipe.components
+
+    def _pipeline_flags(self) -> dict[str, Any]:
+        return {"safety_checker": None, "requires_safety_checker": False}
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
         """Module-name prefixes of the UNet's blocks in execution order (for `adapter.late`)."""
@@ -130,17 +139,19 @@ class StableDiffusion:
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"]).sample
 
     def build_pipeline(self, base: LoadedBase) -> Any:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         if base.vae is None or not base.text_encoders:
-            raise RuntimeError("the VAE and text encoder were released; previews need them kept in memory")
-        return StableDiffusionPipeline(
+            raise RuntimeError("the VAE and text encoders were released; previews need them kept in memory")
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        text = {name: base.text_encoders[name] for name in self.text_encoder_classes}
+        tokenizers = {tokenizer: base.tokenizers[name] for name, (_, tokenizer) in self.text_encoder_classes.items()}
+        flags = {**self._pipeline_flags(), "feature_extractor": None}
+        return pipeline_class(
             vae=base.vae,
-            text_encoder=base.text_encoders["text_encoder"],
-            tokenizer=base.tokenizers["text_encoder"],
             unet=base.denoiser,
             scheduler=base.pipeline_extras["scheduler"],
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **text,
+            **tokenizers,
+            **flags,
         )

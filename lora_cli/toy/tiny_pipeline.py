@@ -155,3 +155,52 @@ def build_sd15_shaped(folder: str | Path, seed: int = 0) -> Path:
     vae = eight_x_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
     text_encoder = clip_text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, max_length=77)
     return save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
+
+
+def build_tiny_sdxl(folder: str | Path, seed: int = 0, max_length: int = 77) -> Path:
+    """A tiny SDXL-shaped pipeline: two CLIP encoders (the second with a projection), a UNet with text-time
+    micro-conditioning and linear attention projections, the 8x VAE, Euler sampling."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    for name in ("tokenizer", "tokenizer_2"):
+        write_clip_tokenizer(folder / name, VOCAB_WORDS, max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, layers=2, heads=2, max_length=max_length)
+    config = text_encoder.config.to_dict()
+    # A wider second encoder, as in SDXL (diffusers' single-file loader tells the two apart by width).
+    config.update(hidden_size=48, intermediate_size=96, num_attention_heads=3, projection_dim=32, hidden_act="gelu")
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 48,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=16,
+    )
+    vae = eight_x_vae((16, 32, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    return folder
