@@ -35,6 +35,12 @@ class ModelSection(Section):
         "float32",
         description="Storage dtype of the frozen base weights. Adapter weights always train in float32.",
     )
+    max_text_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Token limit of T5 text encoders (Flux); longer captions are cut. Default: the base's "
+        "(512 for Flux; use 256 for FLUX.1 schnell).",
+    )
     allow_pickle: bool = Field(
         False,
         description="Accept a pickle-based checkpoint (`.ckpt`, `.pt`, `.bin`), read with restricted unpickling "
@@ -250,9 +256,11 @@ class CacheSection(Section):
 class OutputSection(Section):
     dir: str = Field("output", description="Run folder: adapter, checkpoints, logs, samples, cache.")
     name: str = Field("lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter file name (without extension).")
-    format: Literal["kohya", "diffusers"] = Field(
-        "kohya",
-        description="Key format: `kohya` (A1111, ComfyUI and diffusers read it) or `diffusers` (peft-style keys).",
+    format: Literal["kohya", "diffusers"] | None = Field(
+        None,
+        description="Key format: `kohya` (A1111, ComfyUI and diffusers read it) or `diffusers` (peft-style keys). "
+        "Default: what the base's community tools read — `kohya` for SD1.x/2 and SDXL, `diffusers` for Flux "
+        "(LoHa/LoKr always use kohya/LyCORIS keys).",
     )
     save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_last: int = Field(3, ge=1, description="How many checkpoints to keep.")

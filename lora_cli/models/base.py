@@ -51,6 +51,7 @@ class Architecture(Protocol):
     target_presets: dict[str, tuple[str, ...]]
     default_text_encoder_targets: tuple[str, ...]
     kohya_table: KohyaTable
+    default_format: str  # the adapter key layout its community tools read: "kohya" or "diffusers"
 
     def matches(self, pipeline_class: str) -> bool: ...
 
@@ -66,9 +67,11 @@ class Architecture(Protocol):
 
     def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> Objective: ...
 
-    def image_conditioning(
-        self, base: LoadedBase, geometry: list[CropGeometry], device: torch.device
+    def extra_conditioning(
+        self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device
     ) -> dict[str, torch.Tensor]: ...
+
+    def native_size(self, base: LoadedBase) -> int: ...
 
     def predict(
         self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict

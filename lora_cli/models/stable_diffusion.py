@@ -9,6 +9,7 @@ import torch
 
 from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import BaseIdentity, LoadedBase
+from lora_cli.models.components import encode_images, latents_from_encoding, load_components
 from lora_cli.models.source import weight_fingerprint
 from lora_cli.training.objectives import DenoisingObjective
 
@@ -33,8 +34,8 @@ class StableDiffusion:
     }
 
     pipeline_class = "StableDiffusionPipeline"
-    # Text encoders by component name: their transformers class and tokenizer sub-folder.
-    text_encoder_classes = {"text_encoder": ("CLIPTextModel", "tokenizer")}
+    default_format = "kohya"
+    text_encoder_classes = {"text_encoder": "tokenizer"}  # text encoder component -> its tokenizer component
 
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
@@ -56,31 +57,14 @@ class StableDiffusion:
             denoiser=components["unet"],
             vae=vae,
             text_encoders={name: components[name] for name in self.text_encoder_classes},
-            tokenizers={name: components[tokenizer] for name, (_, tokenizer) in self.text_encoder_classes.items()},
+            tokenizers={name: components[tokenizer] for name, tokenizer in self.text_encoder_classes.items()},
             noise_scheduler=DDPMScheduler.from_config(scheduler.config),
             pipeline_extras={"scheduler": scheduler, "vae_scaling_factor": vae.config.scaling_factor},
         )
 
     def _load_components(self, spec: ModelSection, source: str, dtype: torch.dtype) -> dict[str, Any]:
-        """Load each component from its sub-folder: lighter than importing the pipeline class (~100 MB RSS)."""
-        import diffusers
-        import transformers
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        common = {"revision": spec.revision}
-        weights = {**common, "variant": spec.variant, "dtype": dtype}
-        index = diffusers.DiffusionPipeline.load_config(source, **common)
-        scheduler_class = getattr(diffusers, index["scheduler"][1])
-        components = {
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            "scheduler": scheduler_class.from_pretrained(source, subfolder="scheduler", **common),
-        }
-        for name, (class_name, tokenizer) in self.text_encoder_classes.items():
-            encoder_class = getattr(transformers, class_name)
-            components[name] = encoder_class.from_pretrained(source, subfolder=name, **weights)
-            components[tokenizer] = transformers.CLIPTokenizer.from_pretrained(source, subfolder=tokenizer, **common)
-        return components
+        names = ["unet", "vae", "scheduler", *self.text_encoder_classes, *self.text_encoder_classes.values()]
+        return load_components(spec, source, names, dtype)
 
     def _load_single_file(self, spec: ModelSection, location: Path, dtype: torch.dtype) -> dict[str, Any]:
         import diffusers
@@ -111,21 +95,21 @@ class StableDiffusion:
         return {"encoder_hidden_states": encoder(ids)[0]}
 
     def encode_images(self, base: LoadedBase, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE's latent distribution parameters (mean and log-variance), sampled later per step."""
-        vae = base.vae
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+        return encode_images(base.vae, pixels)
 
     def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        mean, logvar = encoding.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        scaling = base.pipeline_extras["vae_scaling_factor"]
-        return (mean + std * noise) * scaling
+        return latents_from_encoding(encoding, noise, base.pipeline_extras["vae_scaling_factor"], 0.0)
+
+    def native_size(self, base: LoadedBase) -> int:
+        """The image size the base was trained at (its default sampling size)."""
+        factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+        return int(base.denoiser.config.sample_size) * factor
 
     def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> DenoisingObjective:
         return DenoisingObjective(base.noise_scheduler, preset.train.min_snr_gamma)
 
-    def image_conditioning(
-        self, base: LoadedBase, geometry: list[CropGeometry], device: torch.device
+    def extra_conditioning(
+        self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device
     ) -> dict[str, torch.Tensor]:
         return {}
 
@@ -145,7 +129,7 @@ class StableDiffusion:
             raise RuntimeError("the VAE and text encoders were released; previews need them kept in memory")
         pipeline_class = getattr(diffusers, self.pipeline_class)
         text = {name: base.text_encoders[name] for name in self.text_encoder_classes}
-        tokenizers = {tokenizer: base.tokenizers[name] for name, (_, tokenizer) in self.text_encoder_classes.items()}
+        tokenizers = {tokenizer: base.tokenizers[name] for name, tokenizer in self.text_encoder_classes.items()}
         flags = {**self._pipeline_flags(), "feature_extractor": None}
         return pipeline_class(
             vae=base.vae,

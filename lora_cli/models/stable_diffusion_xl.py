@@ -11,16 +11,14 @@ from lora_cli.models.base import LoadedBase
 from lora_cli.models.stable_diffusion import StableDiffusion
 
 if TYPE_CHECKING:
+    from lora_cli.config.schema import Preset
     from lora_cli.training.data import CropGeometry
 
 
 class StableDiffusionXL(StableDiffusion):
     name = "stable-diffusion-xl"
     pipeline_class = "StableDiffusionXLPipeline"
-    text_encoder_classes = {
-        "text_encoder": ("CLIPTextModel", "tokenizer"),
-        "text_encoder_2": ("CLIPTextModelWithProjection", "tokenizer_2"),
-    }
+    text_encoder_classes = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     # kohya's SDXL names: lora_te1_ (CLIP ViT-L) and lora_te2_ (OpenCLIP ViT-bigG).
     kohya_table = {
         "unet": KohyaComponent("lora_unet_"),
@@ -42,8 +40,8 @@ class StableDiffusionXL(StableDiffusion):
             pooled = output[0]  # the last encoder's projected pooled output (text_embeds)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def image_conditioning(
-        self, base: LoadedBase, geometry: list[CropGeometry], device: torch.device
+    def extra_conditioning(
+        self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device
     ) -> dict[str, torch.Tensor]:
         """SDXL's time ids: original size, crop top-left and target size, (height, width) order."""
         rows = [

@@ -89,7 +89,7 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
     pipeline = base.architecture.build_pipeline(base)
     switcher = make_switcher(base.trainable_components(), base.architecture.kohya_table, adapter_paths)
     files = [switcher.read(path) for path in adapter_paths]
-    size = request.size or _native_size(base)
+    size = request.size or base.architecture.native_size(base)
     rows = [(prompt, request.seed + i) for prompt in request.prompts for i in range(request.images_per_prompt)]
     columns = plan_columns(request, files)
 
@@ -147,12 +147,6 @@ def _params(request: SampleRequest, column: Column, prompt: str, seed: int, size
         "base": request.base,
         "adapters": [{"name": f.path.name, "path": str(f.path), "scale": s} for f, s in column.active],
     }
-
-
-def _native_size(base: Any) -> int:
-    """The resolution the base was trained at: UNet sample size times the VAE's downsampling factor."""
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    return int(base.denoiser.config.sample_size) * factor
 
 
 def _slug(text: str) -> str:

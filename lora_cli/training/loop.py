@@ -35,7 +35,7 @@ def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> to
     noised = architecture.objective(base, preset, latents).noised(latents, noise, generators)
 
     # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch),
-    #    plus what the architecture derives from each image (SDXL's size and crop).
+    #    plus what the architecture adds (SDXL's size and crop of each image, Flux's guidance value).
     data = preset.data
     captions = [
         prepare_caption(session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, g)
@@ -43,7 +43,7 @@ def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> to
     ]
     conditioning = session.encoder.conditioning(captions)
     geometry = [session.data.geometry[i] for i in item_indices]
-    conditioning.update(architecture.image_conditioning(base, geometry, device))
+    conditioning.update(architecture.extra_conditioning(base, preset, geometry, device))
     # The frozen base may be stored in half precision (model.dtype); its inputs must match it.
     weight_dtype = base.denoiser.dtype
     noisy = noised.noisy.to(weight_dtype)

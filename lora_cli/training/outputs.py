@@ -88,6 +88,16 @@ def remove_stale_temporaries(paths: RunPaths) -> int:
     return len(stale)
 
 
+def adapter_format(preset: Preset, architecture: object) -> str:
+    """`output.format`, or the architecture's usual layout (kohya/LyCORIS keys for LoHa and LoKr, which the
+    diffusers layout cannot hold)."""
+    if preset.output.format is not None:
+        return preset.output.format
+    if preset.adapter.type not in ("lora", "locon"):
+        return "kohya"
+    return architecture.default_format
+
+
 def adapter_metadata(
     preset: Preset, identity: BaseIdentity, adapter: InjectedAdapter, step: int, dataset_fingerprint: str
 ) -> dict[str, str]:

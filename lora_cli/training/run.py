@@ -17,7 +17,7 @@ from lora_cli.models import LoadedBase
 from lora_cli.training.data import TrainingData
 from lora_cli.training.distributed import check_processes_agree
 from lora_cli.training.interrupt import stop_on_signals
-from lora_cli.training.outputs import adapter_metadata, claim_run_folder, remove_stale_temporaries
+from lora_cli.training.outputs import adapter_format, adapter_metadata, claim_run_folder, remove_stale_temporaries
 from lora_cli.training.session import TrainingSession, build_session, prepare_model, run_paths, scan_dataset
 
 
@@ -78,7 +78,7 @@ def _write_adapter(session: TrainingSession) -> None:
             session.adapter.tensors(),
             session.adapter.ranks(),
             session.adapter.algorithm,
-            preset.output.format,
+            adapter_format(preset, session.base.architecture),
             session.base.architecture.kohya_table,
             metadata,
         )

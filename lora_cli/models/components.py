@@ -1,0 +1,43 @@
+"""Pieces every architecture shares: loading pipeline components from their sub-folders, and the VAE's
+latent distribution."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import ModelSection
+
+
+def load_components(spec: ModelSection, source: str, names: list[str], dtype: torch.dtype) -> dict[str, Any]:
+    """The named components of a diffusers folder or hub id, each loaded from its sub-folder with the class
+    model_index.json declares (lighter than importing the pipeline class); weights in `dtype`."""
+    import diffusers
+
+    common = {"revision": spec.revision}
+    index = diffusers.DiffusionPipeline.load_config(source, **common)
+    components = {}
+    for name in names:
+        if name not in index or not isinstance(index[name], list) or index[name][1] is None:
+            raise ValueError(f"the pipeline has no `{name}` component")
+        library, class_name = index[name]
+        component_class = getattr(importlib.import_module(library), class_name)
+        is_model = isinstance(component_class, type) and issubclass(component_class, torch.nn.Module)
+        extra = {"variant": spec.variant, "dtype": dtype} if is_model else {}
+        components[name] = component_class.from_pretrained(source, subfolder=name, **common, **extra)
+    return components
+
+
+def encode_images(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution parameters (mean and log-variance), sampled later per step."""
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+
+
+def latents_from_encoding(encoding: torch.Tensor, noise: torch.Tensor, scaling: float, shift: float) -> torch.Tensor:
+    """A sample of the latent distribution, normalised as the denoiser expects: (z - shift) * scaling."""
+    mean, logvar = encoding.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * noise - shift) * scaling

@@ -1,0 +1,72 @@
+"""Tiny, randomly initialised DiT pipelines (Flux-shaped) saved as normal diffusers folders, for tests and
+benchmarks: the same classes and loading path as the full-size models, a few MB in size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, clip_text_encoder, eight_x_vae, write_clip_tokenizer
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+
+
+def t5_tokenizer(words: tuple[str, ...] = VOCAB_WORDS):
+    """A T5 tokenizer whose vocabulary makes each word one piece (unigram scores, no sentencepiece file)."""
+    from transformers import T5TokenizerFast
+
+    pieces = [*T5_SPECIAL, *(f"\u2581{word}" for word in words), "\u2581", *"abcdefghijklmnopqrstuvwxyz"]
+    vocab = [(piece, 0.0 if piece in T5_SPECIAL else -1.0 - index / 100) for index, piece in enumerate(pieces)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def t5_encoder(vocab_size: int, width: int, layers: int, heads: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=width, d_ff=2 * width, d_kv=width // heads, num_layers=layers, num_heads=heads
+    )
+    return T5EncoderModel(config)
+
+
+def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny Flux-shaped pipeline: CLIP (pooled) + T5 text encoders, a FluxTransformer2DModel with one
+    double-stream and one single-stream block (and a guidance embedding, as in Flux dev), and a VAE with a
+    latent shift, as Flux's has."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
+    clip_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer_2 = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = eight_x_vae((16, 32, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip_text_encoder(clip_tokenizer, hidden_size=32, layers=2, heads=2, max_length=77),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5_encoder(len(tokenizer_2), width=32, layers=2, heads=2),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
