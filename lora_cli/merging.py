@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from datasets_tools.scan import file_digest
-from lora_cli.adapters.functional import merged_weight
+from lora_cli.adapters.functional import delta_weight, merged_weight
 from lora_cli.errors import AdapterError, ModelLoadError, OutputExistsError
 from lora_cli.io.adapter_file import read_adapter
 from lora_cli.io.atomic import atomic_directory
 from lora_cli.io.keys import ModuleKey
 from lora_cli.io.pickle_file import as_safetensors
 from lora_cli.io.safetensors_stream import stream_rewrite
+from lora_cli.models.quantize import hidden_by_quantization, hidden_warning, trained_quantized
 from lora_cli.models.single_file import Placement
 from lora_cli.models.single_file_writer import write_single_file
 from lora_cli.models.weights import WEIGHT, BaseWeights, open_base_weights, unplace
@@ -33,6 +34,17 @@ class MergeResult:
     out: Path
     merged_layers: int
     unmatched: dict[str, list[str]] = field(default_factory=dict)
+    # adapters trained on a quantized base: (mode, layers whose change is below the quantization error, layers)
+    quantization: dict[str, list] = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        lines = [
+            f"{a}: {len(layers)} layer(s) matched nothing and were skipped" for a, layers in self.unmatched.items()
+        ]
+        for adapter, (mode, hidden, total) in self.quantization.items():
+            if hidden:
+                lines.append(hidden_warning(adapter, hidden, total, mode))
+        return lines
 
 
 Plan = dict[ModuleKey, list[tuple[Path, dict, float]]]
@@ -66,9 +78,12 @@ def _merge(base: Path, adapters: list[tuple[Path, float]], out: Path, allow_part
     records = []
     for path, weight in adapters:
         unmatched: list[str] = []
-        _, tensors, _ = read_adapter(path, index, unmatched if allow_partial else None)
+        _, tensors, adapter_metadata = read_adapter(path, index, unmatched if allow_partial else None)
         if unmatched:
             result.unmatched[str(path)] = unmatched
+        mode = trained_quantized(adapter_metadata)
+        if mode is not None:
+            result.quantization[str(path)] = [mode, 0, len(tensors)]
         for key, named in tensors.items():
             plan.setdefault(key, []).append((path, named, weight))
         records.append({"file": path.name, "sha256": file_digest(path), "weight": weight, "layers": len(tensors)})
@@ -101,6 +116,7 @@ class _Merger:
     def merge(self, key: ModuleKey, merged: torch.Tensor) -> torch.Tensor:
         original_shape = tuple(merged.shape)
         for path, named, weight in self.plan[key]:
+            self._check_quantization(str(path), merged, named, weight)
             try:
                 merged = merged_weight(merged, named, strength=weight)
             except RuntimeError:
@@ -114,6 +130,12 @@ class _Merger:
                 )
         self.result.merged_layers += 1
         return merged
+
+    def _check_quantization(self, adapter: str, weight: torch.Tensor, named: dict, strength: float) -> None:
+        record = self.result.quantization.get(adapter)
+        if record is not None and weight.dim() == 2:
+            delta = delta_weight(named, weight.shape) * strength
+            record[1] += hidden_by_quantization(weight, delta, record[0])
 
 
 def _merge_folder(weights: BaseWeights, merger: _Merger, out: Path, metadata: dict[str, str]) -> None:

@@ -38,8 +38,8 @@ def merge(
     adapters = [parse_adapter(spec) for spec in paths[1:-1]]
     result = merge_adapters(base, adapters, out, allow_partial, allow_pickle)
     console = Console(stderr=True)
-    for adapter, layers in result.unmatched.items():
-        console.print(f"[yellow]warning[/]: {adapter}: {len(layers)} layer(s) matched nothing and were skipped")
+    for line in result.warnings():
+        console.print(f"[yellow]warning[/]: {line}", highlight=False)
     console.print(f"merged {result.merged_layers} layers into {out}", highlight=False)
 
 

@@ -11,6 +11,7 @@ from lora_cli.cli.errors import run_app
 from lora_cli.cli.options import parse_adapter
 from lora_cli.errors import LoraCliError
 
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
@@ -56,12 +57,18 @@ def sample(
         bool,
         typer.Option("--allow-pickle", help="Accept .ckpt/.pt/.bin base and adapters (restricted unpickling)."),
     ] = False,
+    quantize: Annotated[
+        str,
+        typer.Option("--quantize", help="Load the denoiser as none, nf4, fp4 or int8 (as a QLoRA base saw it)."),
+    ] = "none",
 ) -> None:
     from rich.console import Console
 
     from lora_cli.cli.quiet import quiet_libraries
     from lora_cli.sampling.run import SampleRequest
 
+    if quantize not in QUANTIZE_CHOICES:
+        raise LoraCliError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
     defaults = _preset_defaults(preset)
     prompt_list = list(prompt or []) + (_read_prompts(prompts) if prompts else []) or defaults.get("prompts", [])
     base = base or defaults.get("base")
@@ -88,6 +95,7 @@ def sample(
         device=device,
         overwrite=overwrite,
         allow_pickle=allow_pickle,
+        quantize=quantize,
     )
     quiet_libraries()
     from lora_cli.sampling.run import run_sampling

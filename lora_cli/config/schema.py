@@ -35,6 +35,11 @@ class ModelSection(Section):
         "float32",
         description="Storage dtype of the frozen base weights. Adapter weights always train in float32.",
     )
+    quantize: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none",
+        description="Store the frozen denoiser's Linear layers quantized (QLoRA): `nf4`/`fp4` (4-bit) or `int8`, "
+        "via bitsandbytes; adapters train beside them (lora/locon, DoRA). Convolutions stay in `dtype`.",
+    )
     max_text_tokens: int | None = Field(
         None,
         gt=0,
@@ -309,6 +314,11 @@ class Preset(Section):
         if self.output.format == "diffusers" and self.adapter.type not in ("lora", "locon"):
             raise ValueError(
                 f"`output.format: diffusers` holds LoRA/LoCon only; save {self.adapter.type} as `kohya` (LyCORIS keys)"
+            )
+        if self.model.quantize != "none" and self.adapter.type in ("loha", "lokr"):
+            raise ValueError(
+                f"`model.quantize: {self.model.quantize}` trains lora/locon adapters only (peft has no "
+                f"bitsandbytes {self.adapter.type} layer); use adapter.type lora or locon, or quantize: none"
             )
         if self.data.resolution % 8:
             raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")

@@ -46,6 +46,11 @@ def _load(spec: ModelSection, location: Path | None) -> LoadedBase:
     except (OSError, ValueError, KeyError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model.path: cannot load {spec.path}: {message}") from None
+    if spec.quantize != "none":
+        from lora_cli.models.quantize import quantize_linear_layers
+
+        compute_dtype = getattr(torch, spec.dtype)
+        base.pipeline_extras["quantization"] = quantize_linear_layers(base.denoiser, spec.quantize, compute_dtype)
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.requires_grad_(False)
         module.eval()

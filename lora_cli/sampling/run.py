@@ -41,6 +41,7 @@ class SampleRequest:
     device: str = "auto"
     overwrite: bool = False
     allow_pickle: bool = False  # accept .ckpt/.pt/.bin base and adapters (restricted unpickling)
+    quantize: str = "none"  # load the denoiser quantized, as an adapter trained on such a base saw it
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,10 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
 
     device = _device(request.device)
     dtype = "float16" if device.type == "cuda" else "float32"
-    spec = ModelSection(path=request.base, config=request.config, dtype=dtype, allow_pickle=request.allow_pickle)
+    spec = ModelSection(
+        path=request.base, config=request.config, dtype=dtype, allow_pickle=request.allow_pickle,
+        quantize=request.quantize,
+    )  # fmt: skip
     base = load_base(spec)
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.to(device)
@@ -89,6 +93,8 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
     pipeline = base.architecture.build_pipeline(base)
     switcher = make_switcher(base.trainable_components(), base.architecture.kohya_table, adapter_paths)
     files = [switcher.read(path) for path in adapter_paths]
+    for line in quantization_warnings(base, adapter_paths, request.quantize):
+        console.print(f"[yellow]warning[/]: {line}", highlight=False)
     size = request.size or base.architecture.native_size(base)
     rows = [(prompt, request.seed + i) for prompt in request.prompts for i in range(request.images_per_prompt)]
     columns = plan_columns(request, files)
@@ -151,3 +157,31 @@ def _params(request: SampleRequest, column: Column, prompt: str, seed: int, size
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.@+-]+", "_", text)[:60]
+
+
+def quantization_warnings(base: Any, adapter_paths: list[Path], quantize: str) -> list[str]:
+    """For adapters trained on a quantized base and drawn on a different one: how many of their layers change
+    less than that quantization's error."""
+    from lora_cli.adapters.functional import delta_weight
+    from lora_cli.adapters.targets import adaptable_module_names
+    from lora_cli.io.adapter_file import read_adapter
+    from lora_cli.io.keys import kohya_module_index
+    from lora_cli.io.safetensors_file import read_metadata
+    from lora_cli.models.quantize import hidden_by_quantization, hidden_warning, trained_quantized
+
+    components = base.trainable_components()
+    lines = []
+    for path in adapter_paths:
+        mode = trained_quantized(read_metadata(path, LoraCliError))
+        if mode is None or mode == quantize:
+            continue
+        modules = {name: adaptable_module_names(model) for name, model in components.items()}
+        _, tensors, _ = read_adapter(path, kohya_module_index(modules, base.architecture.kohya_table))
+        hidden = 0
+        for (component, module), named in tensors.items():
+            layer = components[component].get_submodule(module)
+            weight = getattr(layer, "base_layer", layer).weight.detach()
+            hidden += hidden_by_quantization(weight, delta_weight(named, weight.shape), mode)
+        if hidden:
+            lines.append(hidden_warning(path.name, hidden, len(tensors), mode))
+    return lines

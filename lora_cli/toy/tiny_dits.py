@@ -28,10 +28,11 @@ def t5_encoder(vocab_size: int, width: int, layers: int, heads: int):
     return T5EncoderModel(config)
 
 
-def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True, heads: int = 2) -> Path:
     """A tiny Flux-shaped pipeline: CLIP (pooled) + T5 text encoders, a FluxTransformer2DModel with one
     double-stream and one single-stream block (and a guidance embedding, as in Flux dev), and a VAE with a
-    latent shift, as Flux's has."""
+    latent shift, as Flux's has. Each head is 16 wide; 4 heads give 64-wide layers that 4-bit quantization
+    takes (its blocks are 64 values)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer
@@ -47,7 +48,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = T
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         guidance_embeds=guidance_embeds,

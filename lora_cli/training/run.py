@@ -44,6 +44,8 @@ def train(
         claim_run_folder(paths, resuming, overwrite)
         remove_stale_temporaries(paths)
     base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run)
+    if "quantization" in base.pipeline_extras:
+        console.print(base.pipeline_extras["quantization"].line(), highlight=False)
     if dry_run:
         _describe_plan(console, preset, scan, base, adapter, data)
         return None

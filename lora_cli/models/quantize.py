@@ -1,0 +1,129 @@
+"""A quantized frozen base (QLoRA): the denoiser's Linear layers stored as bitsandbytes 4-bit or 8-bit weights.
+
+The layers are swapped in by hand after loading (bitsandbytes quantizes a weight when it is moved to a
+device), so the same path runs on CPU — where diffusers' BitsAndBytesConfig refuses to load — and on CUDA.
+Adapters train beside the quantized layers (peft's bitsandbytes LoRA layers); nothing is ever merged into
+4-bit weights. Convolutions stay in the storage dtype: in UNets they hold most of the weights, in DiTs
+almost none.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_cli.errors import ModelLoadError
+
+MODES = ("nf4", "fp4", "int8")
+BLOCK = 64  # 4-bit layers must have both widths multiples of this (bitsandbytes' blocks and its CPU kernel)
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    mode: str
+    layers: int
+    quantized_parameters: int
+    total_parameters: int
+    bytes_before: int
+    bytes_after: int
+
+    def line(self) -> str:
+        share = 100 * self.quantized_parameters / max(1, self.total_parameters)
+        return (
+            f"quantized {self.layers} Linear layers to {self.mode} ({share:.0f}% of the denoiser's parameters; "
+            f"convolutions and small layers stay as stored): weights {self.bytes_before / 2**20:.1f} MiB -> "
+            f"{self.bytes_after / 2**20:.1f} MiB"
+        )
+
+
+def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> QuantizationReport:
+    """Replace the nn.Linear layers of `model` by bitsandbytes layers holding their weights in `mode` (for 4-bit,
+    those whose widths are multiples of 64: every large layer of real models; small output heads stay)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ModelLoadError("model.quantize needs bitsandbytes: pip install 'lora-cli[bnb]'") from None
+    before = _weight_bytes(model)
+    total = sum(p.numel() for p in model.parameters())
+    layers = quantized = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or (
+            mode != "int8" and (module.in_features % BLOCK or module.out_features % BLOCK)
+        ):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantized(bnb, module, mode, compute_dtype))
+        layers += 1
+        quantized += module.weight.numel()
+    if mode == "int8":
+        model.is_loaded_in_8bit = True  # peft then wraps these layers with its bitsandbytes LoRA layers
+    else:
+        model.is_loaded_in_4bit = True
+    return QuantizationReport(mode, layers, quantized, total, before, _weight_bytes(model))
+
+
+def _quantized(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    weight = linear.weight.data
+    device = weight.device
+    has_bias = linear.bias is not None
+    if mode == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype, quant_type=mode
+        )
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=mode)
+        # bitsandbytes repacks 4-bit weights for its CPU inference kernel the first time a layer runs in eval
+        # mode without gradients (a preview), and training afterwards then fails; keep the trainable layout.
+        layer.support_avx512bf16_for_cpu = False
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return layer.to(device)  # moving to a device is what quantizes the weight
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def quantization_error(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """What storing `weight` in `mode` changes: the dequantized weight minus the original (float32)."""
+    import bitsandbytes.functional as F
+
+    weight = weight.float()
+    if mode == "int8":  # per output row, symmetric absmax, as LLM.int8's weight storage
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        return (weight / scale).round() * scale - weight
+    packed, state = F.quantize_4bit(weight.contiguous(), quant_type=mode)
+    return F.dequantize_4bit(packed, state).float().reshape(weight.shape) - weight
+
+
+def hidden_by_quantization(weight: torch.Tensor, delta: torch.Tensor, mode: str) -> bool:
+    """Whether an adapter's update of this layer is smaller (RMS) than the layer's own quantization error:
+    trained on the quantized base, such an update partly corrects the quantization and acts differently on
+    a full-precision base."""
+    if weight.dim() != 2:
+        return False  # convolutions are never quantized
+    error = quantization_error(weight, mode)
+    return bool(delta.float().pow(2).mean().sqrt() < error.pow(2).mean().sqrt())
+
+
+def trained_quantized(metadata: dict[str, str]) -> str | None:
+    """The quantization of the base an adapter was trained on, from lora-cli's metadata (None if none)."""
+    try:
+        mode = json.loads(metadata.get("lora_cli.preset", "{}")).get("model", {}).get("quantize", "none")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return mode if mode in MODES else None
+
+
+def hidden_warning(adapter: str, hidden: int, total: int, mode: str) -> str:
+    return (
+        f"{adapter}: {hidden} of {total} layers change less than their {mode} quantization error; trained on a "
+        f"{mode}-quantized base, the adapter partly corrects that error, so on full-precision weights it acts "
+        f"differently from its training previews (sample with --quantize {mode} to see those)"
+    )
