@@ -71,3 +71,43 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = T
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny SD3-shaped pipeline: CLIP-L and CLIP-G (with projections, different widths) + T5, and a
+    two-block SD3Transformer2DModel over 2x2 patches."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    for name in ("tokenizer", "tokenizer_2"):
+        write_clip_tokenizer(folder / name, VOCAB_WORDS, 77)
+    clip_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    t5 = t5_tokenizer()
+    torch.manual_seed(seed)
+    clip_config = clip_text_encoder(clip_tokenizer, hidden_size=32, layers=2, heads=2, max_length=77).config.to_dict()
+    encoders = []
+    for width in (32, 48):
+        clip_config.update(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, projection_dim=32)
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**clip_config)))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )  # fmt: skip
+    vae = eight_x_vae((16, 32, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5305)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=clip_tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=t5_encoder(len(t5), width=96, layers=2, heads=2),
+        tokenizer_3=t5,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder

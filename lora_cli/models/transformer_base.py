@@ -1,0 +1,98 @@
+"""What the diffusion-transformer architectures (Flux, SD3, PixArt) share: loading their components from a
+diffusers folder or hub id, the VAE's latents and the pipeline built from the loaded components."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lora_cli.errors import ModelLoadError
+from lora_cli.models.base import BaseIdentity, LoadedBase
+from lora_cli.models.components import encode_images, latents_from_encoding, load_components
+from lora_cli.models.source import weight_fingerprint
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import ModelSection, Preset
+    from lora_cli.training.data import CropGeometry
+
+
+class DiffusionTransformer:
+    """A DiT pipeline: `transformer`, `vae`, `scheduler` and the text encoders in `text_encoder_classes`."""
+
+    name: str
+    pipeline_class: str
+    text_encoder_classes: dict[str, str]  # text encoder component -> its tokenizer component
+    denoiser_name = "transformer"
+    default_format = "diffusers"  # diffusers' layout: what diffusers and ComfyUI load for DiTs
+    default_text_tokens: int  # T5's token limit unless model.max_text_tokens says otherwise
+    native_resolution = 1024
+
+    def matches(self, pipeline_class: str) -> bool:
+        return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
+
+    def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase:
+        if location is not None and location.is_file():
+            raise ModelLoadError(
+                f"model.path: {location}: single-file {self.name} checkpoints are not supported; "
+                "give a diffusers folder or hub id"
+            )
+        source = str(location) if location is not None else spec.path
+        names = ["transformer", "vae", "scheduler", *self.text_encoder_classes, *self.text_encoder_classes.values()]
+        components = load_components(spec, source, names, dtype)
+        vae = components["vae"]
+        return LoadedBase(
+            architecture=self,
+            identity=BaseIdentity(spec.path, weight_fingerprint(spec, location), self.name),
+            denoiser=components["transformer"],
+            vae=vae,
+            text_encoders={name: components[name] for name in self.text_encoder_classes},
+            tokenizers={name: components[tokenizer] for name, tokenizer in self.text_encoder_classes.items()},
+            noise_scheduler=self.training_scheduler(components["scheduler"]),
+            pipeline_extras={
+                "scheduler": components["scheduler"],
+                "vae_scaling_factor": vae.config.scaling_factor,
+                "vae_shift_factor": getattr(vae.config, "shift_factor", None) or 0.0,
+                "text_tokens": spec.max_text_tokens or self.default_text_tokens,
+            },
+        )
+
+    def training_scheduler(self, scheduler: Any) -> Any:
+        return scheduler
+
+    def encode_images(self, base: LoadedBase, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_images(base.vae, pixels)
+
+    def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        extras = base.pipeline_extras
+        return latents_from_encoding(encoding, noise, extras["vae_scaling_factor"], extras["vae_shift_factor"])
+
+    def extra_conditioning(
+        self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        return {}
+
+    def native_size(self, base: LoadedBase) -> int:
+        return self.native_resolution
+
+    def build_pipeline(self, base: LoadedBase) -> Any:
+        import diffusers
+
+        if base.vae is None or not base.text_encoders:
+            raise RuntimeError("the VAE and text encoders were released; previews need them kept in memory")
+        tokenizers = {tokenizer: base.tokenizers[name] for name, tokenizer in self.text_encoder_classes.items()}
+        return getattr(diffusers, self.pipeline_class)(
+            scheduler=base.pipeline_extras["scheduler"],
+            vae=base.vae,
+            transformer=base.denoiser,
+            **base.text_encoders,
+            **tokenizers,
+        )
+
+
+def tokens(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Any:
+    """Token ids (and attention mask) padded and cut to `length`."""
+    return tokenizer(
+        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).to(device)
