@@ -94,7 +94,7 @@ def test_sdxl_merge_into_folder_and_single_file(tiny_sdxl: Path, sdxl_adapter: P
         assert torch.equal(from_file.read_weight(key), from_folder.read_weight(key)), key
 
 
-DIT_BUILDERS = {"flux": "build_tiny_flux", "sd3": "build_tiny_sd3"}
+DIT_BUILDERS = {"flux": "build_tiny_flux", "sd3": "build_tiny_sd3", "pixart": "build_tiny_pixart"}
 
 
 @pytest.fixture(scope="session", params=sorted(DIT_BUILDERS))
@@ -127,19 +127,20 @@ def test_dit_training_lowers_the_loss_on_a_fixed_batch(flow, write_preset, tiny_
     preset = write_preset(model={"path": str(tiny_dit[1]), "max_text_tokens": 32})
     overrides = ["train.learning_rate=1e-2", "adapter.targets=full", *flow]
     before, after = fixed_batch_losses(preset, overrides, shapes_data)
-    assert after < 0.85 * before, (before, after)  # measured: flux 0.57-0.47x, sd3 0.82x (its plateau here)
+    assert after < 0.85 * before, (before, after)  # measured: flux 0.47-0.57x, sd3 0.82x (its plateau here)
 
 
 def test_dit_adapter_loads_in_diffusers_and_merges(tiny_dit, dit_adapter: Path, tmp_path: Path) -> None:
     name, base_folder = tiny_dit
     keys = load_file(dit_adapter).keys()
     assert all(key.startswith("transformer.") for key in keys)  # diffusers' layout, the DiTs' default
-    assert any(".ff_context." in key for key in keys)
+    assert any(".ff." in key for key in keys)  # attention_ff reaches the feed-forwards
     ours = sample(base_folder, tmp_path / "ours", [(dit_adapter, 1.0)], guidance_scale=7.5)
-    theirs = diffusers_image(base_folder, dit_adapter, "a yellow star", 7)
     base = sample(base_folder, tmp_path / "base", guidance_scale=7.5)
-    assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
     assert np.abs(ours - base).max() > 10
+    if name != "pixart":  # diffusers has no LoRA loader for PixArt; merging below checks the file instead
+        theirs = diffusers_image(base_folder, dit_adapter, "a yellow star", 7)
+        assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
 
     merged = tmp_path / "merged"
     result = merge_adapters(base_folder, [(dit_adapter, 1.0)], merged)

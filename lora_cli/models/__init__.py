@@ -10,12 +10,19 @@ from lora_cli.errors import ModelLoadError
 from lora_cli.io.pickle_file import as_safetensors, is_pickle
 from lora_cli.models.base import Architecture, BaseIdentity, LoadedBase
 from lora_cli.models.flux import Flux
+from lora_cli.models.pixart import PixArt
 from lora_cli.models.sd3 import StableDiffusion3
 from lora_cli.models.source import local_location, pipeline_class_name
 from lora_cli.models.stable_diffusion import StableDiffusion
 from lora_cli.models.stable_diffusion_xl import StableDiffusionXL
 
-ARCHITECTURES: tuple[Architecture, ...] = (StableDiffusion(), StableDiffusionXL(), Flux(), StableDiffusion3())
+ARCHITECTURES: tuple[Architecture, ...] = (
+    StableDiffusion(),
+    StableDiffusionXL(),
+    Flux(),
+    StableDiffusion3(),
+    PixArt(),
+)
 
 
 def load_base(spec: ModelSection) -> LoadedBase:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from inspect import signature
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -25,18 +26,24 @@ def generate_images(
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
+    # PixArt's pipeline snaps sizes to its training bins by default; lora-cli draws exactly the size asked.
+    options = (
+        {"use_resolution_binning": False} if "use_resolution_binning" in signature(pipeline.__call__).parameters else {}
+    )
     images: list[Image.Image] = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + BATCH]]
+        if negative_prompt:  # otherwise each pipeline's own default (None, or "" for PixArt)
+            options["negative_prompt"] = [negative_prompt] * len(chunk)
         result = pipeline(
             chunk,
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=size,
             width=size,
             generator=generators,
+            **options,
         )
         images += result.images
         if on_batch is not None:

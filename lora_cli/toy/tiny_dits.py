@@ -111,3 +111,28 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_pixart(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny PixArt-Sigma-shaped pipeline: T5 text, a two-block PixArtTransformer2DModel with learned variance
+    (8 output channels for 4 latent ones), the 8x VAE, DPM-Solver sampling."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    folder = Path(folder)
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=32, caption_channels=32, patch_size=2, norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )  # fmt: skip
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=t5_encoder(len(tokenizer), width=32, layers=2, heads=2),
+        vae=eight_x_vae((16, 32, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    )
+    pipe.save_pretrained(folder)
+    return folder
