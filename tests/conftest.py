@@ -63,9 +63,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return run_command("train", *args)
 
 
-def fixed_batch_losses(preset: Path, overrides: list[str], shapes_data: Path, steps: int = 60) -> tuple[float, float]:
-    """Mean loss on one fixed image with fixed noise before and after `steps` optimizer steps on it (the
-    dataset is 5 copies of one image, batch 1), through the trainer's own session and loop."""
+def fixed_batch_losses(
+    preset: Path, overrides: list[str], shapes_data: Path, steps: int = 60, sample: str = "yellow_star_0000"
+) -> tuple[float, float]:
+    """Mean loss on one fixed sample with fixed noise before and after `steps` optimizer steps on it (the
+    dataset is 5 copies of one image or clip `sample` of `shapes_data`, batch 1), through the trainer's own
+    session and loop."""
     import shutil
 
     import torch
@@ -77,8 +80,9 @@ def fixed_batch_losses(preset: Path, overrides: list[str], shapes_data: Path, st
     single = preset.parent / "single-image"
     single.mkdir()
     for copy in range(5):  # the dataset floor is 5 images; identical copies keep every batch the same
-        for suffix in (".png", ".txt"):
-            shutil.copy(shapes_data / f"yellow_star_0000{suffix}", single / f"one{copy}{suffix}")
+        for source in shapes_data.glob(f"{sample}*"):
+            target = single / f"one{copy}{source.suffix}"
+            shutil.copytree(source, target) if source.is_dir() else shutil.copy(source, target)
     settings = [f"data.folder={single}", "train.batch_size=1", f"train.steps={steps}", *overrides]
     loaded = load_preset(preset, settings)
     session = build_session(loaded, run_paths(loaded), *prepare_model(loaded, scan_dataset(loaded)))

@@ -33,15 +33,23 @@ def check(
     upscale: Annotated[bool, typer.Option("--upscale", help="Buckets may upscale small images.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every finding as JSON instead of tables.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when there are warnings.")] = False,
+    frames: Annotated[
+        int | None, typer.Option("--frames", min=1, help="Check video clips of this many frames instead of images.")
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option("--fps", min=0.001, help="With --frames: the training frame rate.")
+    ] = None,
 ) -> None:
     from datasets_tools.check import CheckOptions, check_dataset
+    from datasets_tools.clips import check_clips
 
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such folder; give the folder that holds the images")
+    extensions = [_dotted(e) for e in caption_ext] if caption_ext else [".txt", ".caption"]
     count_tokens, max_tokens = _token_counter(tokenizer) if tokenizer else (None, 77)
     options = CheckOptions(
         resolution=resolution,
-        caption_extensions=[_dotted(e) for e in caption_ext] if caption_ext else [".txt", ".caption"],
+        caption_extensions=extensions,
         batch_size=batch_size,
         trigger=trigger,
         near_threshold=near_threshold,
@@ -49,7 +57,7 @@ def check(
         max_tokens=max_tokens,
         upscale=upscale,
     )
-    report = check_dataset(folder, options)
+    report = check_clips(folder, frames, fps, extensions) if frames else check_dataset(folder, options)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:

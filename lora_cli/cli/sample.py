@@ -57,6 +57,10 @@ def sample(
         bool,
         typer.Option("--allow-pickle", help="Accept .ckpt/.pt/.bin base and adapters (restricted unpickling)."),
     ] = False,
+    frames: Annotated[
+        int | None,
+        typer.Option("--frames", min=1, help="Video bases: frames per video (saved as a strip of frames)."),
+    ] = None,
     quantize: Annotated[
         str,
         typer.Option("--quantize", help="Load the denoiser as none, nf4, fp4 or int8 (as a QLoRA base saw it)."),
@@ -96,6 +100,7 @@ def sample(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
         quantize=quantize,
+        frames=frames or defaults.get("frames"),
     )
     quiet_libraries()
     from lora_cli.sampling.run import run_sampling
@@ -138,6 +143,7 @@ def _preset_defaults(preset: Path | None) -> dict:
         "steps": sample.steps,
         "guidance_scale": sample.guidance_scale,
         "size": loaded.data.resolution,
+        "frames": loaded.data.frames,
     }
 
 

@@ -149,6 +149,16 @@ class DataSection(Section):
     shuffle: bool = Field(True, description="Shuffle the image order every epoch (seeded).")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated caption tags every time an image is used.")
     keep_tags: int = Field(0, ge=0, description="With `shuffle_tags`, how many leading tags stay in place.")
+    frames: int | None = Field(
+        None,
+        gt=0,
+        description="Train on video clips of this many frames (video bases such as Wan): the folder holds video "
+        "files (`.mp4`, `.webm`, `.mov`, `.mkv`, `.avi`, `.gif`) or folders of frames, each with a caption file "
+        "beside it. Wan's VAE wants 4k+1 frames (e.g. 17, 33, 81).",
+    )
+    fps: float | None = Field(
+        None, gt=0, description="Resample clips to this frame rate (default: each clip's own; frame folders: 16)."
+    )
 
 
 class PriorSection(Section):
@@ -320,6 +330,8 @@ class Preset(Section):
                 f"`model.quantize: {self.model.quantize}` trains lora/locon adapters only (peft has no "
                 f"bitsandbytes {self.adapter.type} layer); use adapter.type lora or locon, or quantize: none"
             )
+        if self.data.frames is not None and self.prior.enabled:
+            raise ValueError("prior preservation works on images; turn `prior` off to train on video clips")
         if self.data.resolution % 8:
             raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")
         return self

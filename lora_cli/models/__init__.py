@@ -15,6 +15,7 @@ from lora_cli.models.sd3 import StableDiffusion3
 from lora_cli.models.source import local_location, pipeline_class_name
 from lora_cli.models.stable_diffusion import StableDiffusion
 from lora_cli.models.stable_diffusion_xl import StableDiffusionXL
+from lora_cli.models.wan import Wan
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     StableDiffusion(),
@@ -22,6 +23,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Flux(),
     StableDiffusion3(),
     PixArt(),
+    Wan(),
 )
 
 

@@ -52,9 +52,10 @@ class DiffusionTransformer:
             noise_scheduler=self.training_scheduler(components["scheduler"]),
             pipeline_extras={
                 "scheduler": components["scheduler"],
-                "vae_scaling_factor": vae.config.scaling_factor,
+                "vae_scaling_factor": getattr(vae.config, "scaling_factor", 1.0),
                 "vae_shift_factor": getattr(vae.config, "shift_factor", None) or 0.0,
                 "text_tokens": spec.max_text_tokens or self.default_text_tokens,
+                "vae_config": vae.config,  # kept when the VAE itself is released after caching latents
             },
         )
 

@@ -21,8 +21,10 @@ def generate_images(
     negative_prompt: str,
     size: int,
     on_batch: Callable[[int], object] | None = None,
+    frames: int | None = None,
 ) -> list[Image.Image]:
-    """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images."""
+    """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images.
+    Video pipelines draw `frames` frames, returned as one strip image per video (frames left to right)."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
@@ -30,6 +32,8 @@ def generate_images(
     options = (
         {"use_resolution_binning": False} if "use_resolution_binning" in signature(pipeline.__call__).parameters else {}
     )
+    if frames is not None and "num_frames" in signature(pipeline.__call__).parameters:
+        options["num_frames"] = frames
     images: list[Image.Image] = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
@@ -45,10 +49,18 @@ def generate_images(
             generator=generators,
             **options,
         )
-        images += result.images
+        images += result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
         if on_batch is not None:
             on_batch(len(chunk))
     return images
+
+
+def frame_strip(video: Any) -> Image.Image:
+    """A video (frames x H x W x 3, floats in [0, 1]) as one image of its frames side by side."""
+    import numpy as np
+
+    pixels = (np.clip(np.asarray(video, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(np.concatenate(list(pixels), axis=1))
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:

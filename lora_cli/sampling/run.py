@@ -42,6 +42,7 @@ class SampleRequest:
     overwrite: bool = False
     allow_pickle: bool = False  # accept .ckpt/.pt/.bin base and adapters (restricted unpickling)
     quantize: str = "none"  # load the denoiser quantized, as an adapter trained on such a base saw it
+    frames: int | None = None  # video bases: frames per video (each saved as a strip of frames)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
                 request.negative_prompt,
                 size,
                 on_batch=lambda count: progress.advance(task, count),
+                frames=request.frames,
             )
             for row, ((prompt, seed), image) in enumerate(zip(rows, images, strict=True)):
                 params = _params(request, column, prompt, seed, size)

@@ -136,3 +136,71 @@ def build_tiny_pixart(folder: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny Wan-2.x-shaped text-to-video pipeline: UMT5 text, a causal video VAE (8x space, 4x time) and a
+    two-block WanTransformer3DModel over 1x2x2 patches."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    folder = Path(folder)
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2)
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.0, 0.2], latents_std=[1.5, 0.8, 1.0, 1.2],
+    )  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_clips(folder: Path, count: int, frames: int, size: int = 64, seed: int = 0) -> Path:
+    """Captioned clips of a coloured shape moving across the frame: half as folders of PNG frames, half as
+    MP4 files (PyAV), so both clip kinds are exercised."""
+    import random
+
+    import av
+    from PIL import Image, ImageDraw
+
+    from lora_cli.toy.shapes import COLOURS, shape_polygon
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        colour = list(COLOURS)[index % len(COLOURS)]
+        start, speed = rng.uniform(0.25, 0.4) * size, rng.uniform(1.0, 2.0) * size / 32
+        images = []
+        for step in range(frames):
+            image = Image.new("RGB", (size, size), (240, 240, 240))
+            outline = shape_polygon("circle", start + step * speed, size / 2, size * 0.2, 0.0)
+            ImageDraw.Draw(image).polygon(outline, fill=COLOURS[colour])
+            images.append(image)
+        name = f"clip{index:02d}"
+        (folder / f"{name}.txt").write_text(f"a {colour} circle moving right")
+        if index % 2:
+            clip = folder / name
+            clip.mkdir()
+            for number, image in enumerate(images):
+                image.save(clip / f"{number:04d}.png")
+            continue
+        with av.open(str(folder / f"{name}.mp4"), "w") as container:
+            stream = container.add_stream("libx264", rate=16)
+            stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+            for image in images:
+                container.mux(stream.encode(av.VideoFrame.from_image(image)))
+            container.mux(stream.encode())
+    return folder

@@ -148,6 +148,7 @@ class Previews:
                 sample.guidance_scale,
                 sample.negative_prompt,
                 session.preset.data.resolution,
+                frames=session.preset.data.frames,
             )
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)

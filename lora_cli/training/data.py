@@ -5,13 +5,16 @@ Images are trained in aspect-ratio buckets (datasets_tools.buckets); batches are
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from datasets_tools.buckets import assign_bucket, bucket_step, make_buckets
+from datasets_tools.clips import clip_info, is_clip, read_clip
 from datasets_tools.images import image_size
 from datasets_tools.scan import DatasetItem, dataset_fingerprint, file_digest
 
@@ -28,6 +31,17 @@ class TrainingData:
     buckets: list[tuple[int, int]]
     fingerprint: str
     geometry: list[CropGeometry]
+    frames: int | None = None  # video clips of this many frames (at `fps`) instead of images
+    fps: float | None = None
+
+    def pixels(self, index: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Item `index` as [3, H, W] (an image) or [3, F, H, W] (a clip) in [-1, 1], at its bucket size."""
+        size = size or self.buckets[index]
+        path = self.items[index].image
+        if self.frames is None:
+            return load_pixels(path, size)
+        frames = read_clip(path, self.frames, self.fps)
+        return torch.stack([image_to_tensor(frame, size) for frame in frames], dim=1)
 
     @classmethod
     def build(
@@ -37,16 +51,18 @@ class TrainingData:
         repeats: int,
         prior_items: list[DatasetItem] = (),
         prior_weight: float = 1.0,
+        frames: int | None = None,
+        fps: float | None = None,
     ) -> TrainingData:
         everything = [*items, *prior_items]
-        digests = [file_digest(item.image) for item in everything]
+        digests = [media_digest(item.image) for item in everything]
         weights = [1.0] * len(items) + [prior_weight] * len(prior_items)
         times = [item.repeats * repeats for item in items] + [item.repeats for item in prior_items]
         entries = [index for index, count in enumerate(times) for _ in range(count)]
         geometry = [crop_geometry(item, resolution) for item in everything]
         buckets = [(g.width, g.height) for g in geometry]
         fingerprint = dataset_fingerprint(everything, digests)
-        return cls(everything, digests, weights, entries, buckets, fingerprint, geometry)
+        return cls(everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps)
 
 
 @dataclass(frozen=True)
@@ -64,14 +80,31 @@ class CropGeometry:
 
 def crop_geometry(item: DatasetItem, resolution: int) -> CropGeometry:
     """The image's aspect-ratio bucket, never upscaled (the buckets `lora-check-dataset` reports), and crop."""
-    width, height = image_size(item.image)
+    width, height = media_size(item.image)
     assignment = assign_bucket(width, height, make_buckets(resolution), bucket_step(resolution))
     return CropGeometry(width, height, assignment.crop_left, assignment.crop_top, assignment.width, assignment.height)
 
 
+def media_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image or of a clip's frames."""
+    if is_clip(path):
+        info = clip_info(path)
+        return info.width, info.height
+    return image_size(path)
+
+
+def media_digest(path: Path) -> str:
+    """sha256 of an image or video file; for a folder of frames, over its frames' digests in order."""
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for frame in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f"{frame.name}\0{file_digest(frame)}\0".encode())
+    return digest.hexdigest()
+
+
 def load_pixels(path: object, size: tuple[int, int]) -> torch.Tensor:
     """An image as a [3, H, W] tensor in [-1, 1]: EXIF rotation applied, RGB, scaled to cover, centre-cropped."""
-    width, height = size
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         if image.mode in ("RGBA", "LA", "P"):
@@ -79,6 +112,12 @@ def load_pixels(path: object, size: tuple[int, int]) -> torch.Tensor:
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
         image = image.convert("RGB")
+    return image_to_tensor(image, size)
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image scaled to cover `size`, centre-cropped, as [3, H, W] in [-1, 1]."""
+    width, height = size
     scale = max(width / image.width, height / image.height)
     resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(resized, Image.Resampling.LANCZOS)

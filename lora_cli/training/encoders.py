@@ -9,7 +9,7 @@ import torch
 from lora_cli.config.schema import Preset
 from lora_cli.models.base import LoadedBase
 from lora_cli.training.cache import EncodingCache
-from lora_cli.training.data import TrainingData, load_pixels
+from lora_cli.training.data import TrainingData
 
 CACHE_BATCH = 8
 
@@ -46,7 +46,7 @@ class BatchEncoder:
         """VAE latent-distribution parameters for the items, [B, 2C, h, w] on the device."""
         if self._latents:
             return torch.stack([self._latents[i] for i in item_indices]).to(self.device)
-        pixels = torch.stack([load_pixels(self.data.items[i].image, self.data.buckets[i]) for i in item_indices])
+        pixels = torch.stack([self.data.pixels(i) for i in item_indices])
         with torch.no_grad():
             return self.base.architecture.encode_images(self.base, pixels.to(self.device))
 
@@ -63,7 +63,7 @@ class BatchEncoder:
         pending = []
         for index, digest in enumerate(self.data.digests):
             width, height = self.data.buckets[index]
-            key = store.key(digest, f"{width}x{height}")
+            key = store.key(digest, f"{width}x{height}", f"{self.data.frames}@{self.data.fps}")
             cached = store.get(key)
             if cached is None:
                 pending.append((index, key))
@@ -75,7 +75,7 @@ class BatchEncoder:
             for index, key in chunk:
                 by_size.setdefault(self.data.buckets[index], []).append((index, key))
             for size, group in by_size.items():
-                pixels = torch.stack([load_pixels(self.data.items[i].image, size) for i, _ in group])
+                pixels = torch.stack([self.data.pixels(i, size) for i, _ in group])
                 with torch.no_grad():
                     encoded = self.base.architecture.encode_images(self.base, pixels.to(self.device)).cpu()
                 for (index, key), encoding in zip(group, encoded, strict=True):

@@ -14,7 +14,7 @@ def sample_noise(shape: tuple[int, ...], offset: float, generator: torch.Generat
     """Gaussian noise, plus per-channel offset noise (crosslabs.org/blog/diffusion-with-offset-noise) if offset > 0."""
     noise = torch.randn(shape, generator=generator)
     if offset > 0:
-        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        noise = noise + offset * torch.randn((shape[0], shape[1], *[1] * (len(shape) - 2)), generator=generator)
     return noise
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from datasets_tools.check import CheckOptions, Report, check_dataset
+from datasets_tools.clips import check_clips
 from lora_cli.adapters.injection import InjectedAdapter, inject_adapter
 from lora_cli.config.schema import Preset
 from lora_cli.errors import DatasetError, PresetError
@@ -84,13 +85,19 @@ def scan_dataset(preset: Preset) -> Report:
     """Run the dataset check (as `lora-check-dataset` does) before any model is loaded; errors stop the run
     with the first one, warnings are the caller's to print."""
     data = preset.data
+    if data.frames is not None:
+        report = check_clips(data.folder, data.frames, data.fps, data.caption_extensions)
+        return _stop_on_errors(report, data.folder)
     options = CheckOptions(
         resolution=data.resolution, caption_extensions=data.caption_extensions, batch_size=preset.train.batch_size
     )
-    report = check_dataset(data.folder, options)
+    return _stop_on_errors(check_dataset(data.folder, options), data.folder)
+
+
+def _stop_on_errors(report: Report, folder: str) -> Report:
     errors = report.of("error")
     if errors:
-        more = f" (+{len(errors) - 1} more; run lora-check-dataset {data.folder})" if len(errors) > 1 else ""
+        more = f" (+{len(errors) - 1} more; run lora-check-dataset {folder})" if len(errors) > 1 else ""
         raise DatasetError(f"{errors[0].line()}{more}")
     return report
 
@@ -102,7 +109,10 @@ def prepare_model(
     adapter and index the data. Shared by training and --dry-run (which generates nothing)."""
     base = load_base(preset.model)
     prior = prior_items(preset, base, run_paths(preset).root, generate_prior) if preset.prior.enabled else []
-    data = TrainingData.build(scan.items, preset.data.resolution, preset.data.repeats, prior, preset.prior.weight)
+    settings = preset.data
+    data = TrainingData.build(
+        scan.items, settings.resolution, settings.repeats, prior, preset.prior.weight, settings.frames, settings.fps
+    )
     adapter = inject_adapter(base, preset.adapter, preset.train.seed)
     return base, adapter, data
 

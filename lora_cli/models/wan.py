@@ -1,0 +1,72 @@
+"""Wan 2.x text-to-video: a flow-matching 3D DiT over causal-VAE video latents, UMT5 text."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lora_cli.io.keys import KohyaComponent
+from lora_cli.models.base import LoadedBase
+from lora_cli.models.transformer_base import DiffusionTransformer, tokens
+from lora_cli.training.objectives import FlowMatchingObjective
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import Preset
+
+
+class Wan(DiffusionTransformer):
+    name = "wan"
+    pipeline_class = "WanPipeline"
+    default_text_tokens = 512  # Wan's UMT5 sequence length
+    native_resolution = 480
+    text_encoder_classes = {"text_encoder": "tokenizer"}
+    target_presets = {
+        "attention": ("to_q", "to_k", "to_v", "to_out.0"),  # self- and cross-attention of every block
+        "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"),
+        "full": ("*",),
+    }
+    default_text_encoder_targets = ("q", "k", "v", "o")
+    kohya_table = {"transformer": KohyaComponent("lora_transformer_"), "text_encoder": KohyaComponent("lora_te_")}
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(denoiser.blocks))]
+
+    def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
+        """UMT5 states with the padding positions zeroed, as Wan's pipeline feeds them."""
+        tokenizer, encoder = base.tokenizers["text_encoder"], base.text_encoders["text_encoder"]
+        batch = tokens(tokenizer, captions, base.pipeline_extras["text_tokens"], encoder.device)
+        states = encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+        return {"encoder_hidden_states": states * batch.attention_mask[..., None].to(states.dtype)}
+
+    def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """A sample of the video latent distribution, normalised per channel with the VAE's mean and std."""
+        mean, logvar = encoding.chunk(2, dim=1)
+        sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+        config = base.pipeline_extras["vae_config"]
+        view = (1, -1, 1, 1, 1)
+        channel_mean = torch.tensor(config.latents_mean, device=sample.device).view(view)
+        channel_std = torch.tensor(config.latents_std, device=sample.device).view(view)
+        return (sample - channel_mean) / channel_std
+
+    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> FlowMatchingObjective:
+        shift = preset.flow.shift
+        if shift is None or shift == "auto":  # the base scheduler's shift
+            config = base.pipeline_extras["scheduler"].config
+            shift = config.get("shift") or config.get("flow_shift") or 3.0
+        return FlowMatchingObjective(preset.flow, float(shift))
+
+    def predict(
+        self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict
+    ) -> torch.Tensor:
+        return denoiser(
+            hidden_states=noisy_latents,
+            timestep=(timesteps * 1000).to(noisy_latents.dtype),
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
+
+    def build_pipeline(self, base: LoadedBase) -> Any:
+        pipeline = super().build_pipeline(base)
+        pipeline.register_to_config(boundary_ratio=None, expand_timesteps=False)
+        return pipeline
