@@ -35,6 +35,22 @@ def train(
         bool,
         typer.Option("--allow-pickle", help="Accept a .ckpt/.pt/.bin base (restricted unpickling: tensors only)."),
     ] = False,
+    plan: Annotated[
+        bool,
+        typer.Option("--plan", help="Estimate peak GPU memory and RAM from the weights' headers; do not train."),
+    ] = False,
+    vram: Annotated[
+        str | None,
+        typer.Option(
+            "--vram", help="GPU memory budget for --plan, e.g. 12GiB: propose changes that fit.", metavar="SIZE"
+        ),
+    ] = None,
+    ram: Annotated[
+        str | None,
+        typer.Option(
+            "--ram", help="System RAM budget for --plan, e.g. 32GiB: propose changes that fit.", metavar="SIZE"
+        ),
+    ] = None,
 ) -> None:
     from rich.console import Console
 
@@ -45,6 +61,17 @@ def train(
         raise PresetError("--resume and --overwrite contradict each other; choose one")
     loaded = load_preset(preset, [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])])
     quiet_libraries()
+    if plan or vram is not None or ram is not None:
+        from lora_cli.planning import parse_size
+        from lora_cli.training.run import describe_memory
+
+        describe_memory(
+            loaded,
+            Console(),
+            vram=parse_size(vram, "--vram") if vram is not None else None,
+            ram=parse_size(ram, "--ram") if ram is not None else None,
+        )
+        return
     from lora_cli.training.run import train as run_training
 
     run_training(

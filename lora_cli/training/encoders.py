@@ -11,7 +11,7 @@ from lora_cli.models.base import LoadedBase
 from lora_cli.training.cache import EncodingCache
 from lora_cli.training.data import TrainingData
 
-CACHE_BATCH = 8
+CACHE_BATCH = 2  # images per VAE call while caching: its activations, not speed, set the peak
 
 
 class BatchEncoder:

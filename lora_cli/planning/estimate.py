@@ -1,0 +1,376 @@
+"""Peak device memory and system RAM of a training run, estimated from the preset and the base's headers.
+
+A run goes through three phases, and each peak is the largest phase total:
+- load: every component is read into RAM in `model.dtype` (quantizing needs a full-precision copy of the
+  component being quantized);
+- cache: the encoders work on the device (adapter already injected) to fill the latent/text caches;
+- train: the denoiser (and the encoders still held), adapter, gradients, optimizer state and activations.
+On "cuda" the device holds cache and train, and RAM peaks while loading. On "cpu" everything is RAM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lora_cli.config.schema import AdapterSection
+from lora_cli.errors import ModelLoadError
+from lora_cli.planning.activations import ACTIVATION_MODELS, ActivationModel, Activations, DenoiserQuery
+from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
+from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory
+from lora_cli.training.encoders import CACHE_BATCH
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import Preset
+    from lora_cli.models.base import Architecture
+
+DEVICES = ("cuda", "cpu")
+QUANTIZE_MODES = ("none", "int8", "nf4")
+GiB, MiB = 2**30, 2**20
+
+# Measured on this project's 2-core CPU machine (docs/memory-planner.md): RSS of Python, torch, diffusers,
+# transformers, peft and accelerate with the trainer imported, plus first-step kernels and buffers.
+CPU_RUNTIME = 465 * MiB
+# glibc keeps freed blocks below its 32 MiB mmap threshold in the heap, so peak RSS over activations exceeds
+# the live bytes. Both factors apply to the saved count *without* checkpointing: a checkpointed forward pass
+# still allocates each block's full set before freeing it, and the heap keeps most of it (fitted on
+# saved-tensor counts and RSS of SD1.5-shaped UNets at 256-512 px).
+CPU_ACTIVATION_FACTOR = 1.65
+CPU_CHECKPOINT_FACTOR = 1.05
+# GPU figures are estimates, not measured here: CUDA context and library workspaces on the device, the
+# CUDA libraries in the process's RAM, and the caching allocator's fragmentation over live activations.
+CUDA_CONTEXT = 1 * GiB
+CUDA_RUNTIME_RAM = CPU_RUNTIME + 1536 * MiB
+CUDA_ALLOCATOR_FACTOR = 1.15
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The preset values memory depends on; `advise` proposes new values for these."""
+
+    adapter: AdapterSection
+    resolution: int = 512
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    dtype: str = "float32"
+    quantize: str = "none"
+    optimizer: str = "adamw"
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
+    keep_encoders: bool = False  # previews need the VAE and text encoder after caching
+    text_cache_allowed: bool = True  # not with a text-encoder adapter or tag shuffling
+    images: int | None = None  # training images, when known: caching encodes up to CACHE_BATCH at once
+
+    @classmethod
+    def from_preset(cls, preset: Preset, images: int | None = None) -> PlanSettings:
+        train = preset.train
+        return cls(
+            adapter=preset.adapter,
+            resolution=preset.data.resolution,
+            batch_size=train.batch_size,
+            gradient_accumulation=train.gradient_accumulation,
+            gradient_checkpointing=train.gradient_checkpointing,
+            mixed_precision=train.mixed_precision,
+            dtype=preset.model.dtype,
+            quantize=preset.model.quantize,
+            optimizer=train.optimizer,
+            cache_latents=preset.cache.latents,
+            cache_text_embeddings=preset.cache.text_embeddings,
+            keep_encoders=bool(preset.sample.prompts),
+            text_cache_allowed=not (preset.adapter.text_encoder or preset.data.shuffle_tags),
+            images=images,
+        )
+
+
+@dataclass(frozen=True)
+class Part:
+    """One line of a breakdown."""
+
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated peaks with the breakdown of the phase where each occurs."""
+
+    device: str
+    settings: PlanSettings
+    peak_device_bytes: int
+    peak_ram_bytes: int
+    device_phase: str
+    ram_phase: str
+    device_parts: tuple[Part, ...]
+    ram_parts: tuple[Part, ...]
+    adapter_parameters: int
+    adapted_layers: int
+    notes: tuple[str, ...] = field(default=())
+
+
+def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: str = "cuda") -> MemoryPlan:
+    """The memory plan of training `settings` on `inventory`'s base on `device` ("cuda" or "cpu")."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    facts = _facts(inventory, settings)
+    load = _load_phase(inventory, settings, facts, device)
+    cache = _cache_phase(inventory, settings, facts, device)
+    train = _train_phase(inventory, settings, facts, device)
+    ram_phases = {"load": load} if device == "cuda" else {"load": load, "cache": cache, "train": train}
+    device_phases = {"cache": cache, "train": train} if device == "cuda" else ram_phases
+    device_phase = _largest(device_phases)
+    ram_phase = _largest(ram_phases)
+    return MemoryPlan(
+        device=device,
+        settings=settings,
+        peak_device_bytes=max(_total(parts) for parts in device_phases.values()),
+        peak_ram_bytes=max(_total(parts) for parts in ram_phases.values()),
+        device_phase=device_phase,
+        ram_phase=ram_phase,
+        device_parts=device_phases[device_phase],
+        ram_parts=ram_phases[ram_phase],
+        adapter_parameters=sum(facts.adapter_sizes),
+        adapted_layers=facts.adapted_layers,
+        notes=facts.notes,
+    )
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the phases share: the architecture's model, adapter tensors and activation counts."""
+
+    architecture: Architecture
+    model: ActivationModel
+    adapter_sizes: tuple[int, ...]
+    adapted_layers: int
+    activations: Activations
+    text_activations: float  # per sample, when the text encoder's adapter trains
+    notes: tuple[str, ...]
+
+
+def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
+    architecture = _architecture(inventory)
+    model = ACTIVATION_MODELS[architecture.name]
+    section = settings.adapter
+    denoiser = architecture.denoiser_name
+    layers = adaptable_layers(inventory.layer_shapes(denoiser))
+    targets = select_targets(layers, section, architecture.target_presets, model.blocks(layers), denoiser)
+    sizes = [size for name in targets for size in adapter_tensor_sizes(section, layers[name])]
+    adapted = len(targets)
+    query = DenoiserQuery(
+        layers=layers,
+        adapted=frozenset(targets),
+        rank=section.rank,
+        algorithm=section.type,
+        dora=section.dora,
+        latent_tokens=(settings.resolution // model.latent_factor) ** 2,
+        text_tokens=_text_tokens(inventory, architecture),
+    )
+    text_activations = 0.0
+    if section.text_encoder:
+        patterns = section.text_encoder_targets or list(architecture.default_text_encoder_targets)
+        for component in _text_encoders(inventory, architecture):
+            te_layers = adaptable_layers(inventory.layer_shapes(component))
+            te_targets = match_targets(te_layers, patterns, f"adapter.text_encoder_targets ({component})")
+            sizes += [size for name in te_targets for size in adapter_tensor_sizes(section, te_layers[name])]
+            adapted += len(te_targets)
+            text_activations += model.text_encoder(te_layers, frozenset(te_targets), section.rank, query.text_tokens)
+    notes = ("previews (inference and VAE decoding at sample time) are not counted",) if settings.keep_encoders else ()
+    return _Facts(architecture, model, tuple(sizes), adapted, model.denoiser(query), text_activations, notes)
+
+
+def _load_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
+    """Loading into RAM. On the CPU a memory-mapped component is not resident until it is used; for a GPU
+    every component passes through RAM on its way to the device."""
+    runtime = CUDA_RUNTIME_RAM if device == "cuda" else CPU_RUNTIME
+    parts = [Part("runtime (Python, torch, libraries)", runtime)]
+    for name in inventory.components:
+        if device == "cuda" or not _mapped(inventory, settings, facts, name):
+            parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name)))
+    denoiser = facts.architecture.denoiser_name
+    if settings.quantize != "none":
+        full = _weight_bytes(inventory, settings, facts, denoiser, quantize=False)
+        parts.append(Part(f"full-precision {denoiser} while it is quantized", full))
+    return tuple(parts)
+
+
+def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
+    """Filling the caches: encoders at work beside the loaded denoiser and the injected adapter."""
+    if not (settings.cache_latents or settings.cache_text_embeddings):
+        return ()
+    parts = [_runtime(device)]
+    denoiser = facts.architecture.denoiser_name
+    for name in inventory.components:
+        if device == "cpu" and name == denoiser and _mapped(inventory, settings, facts, name):
+            continue  # a memory-mapped denoiser is not read before its first training step
+        parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name, device)))
+    parts.append(Part("adapter", 4 * sum(facts.adapter_sizes)))
+    if settings.cache_latents:
+        chunk = min(CACHE_BATCH, settings.images or CACHE_BATCH)
+        encoding = chunk * _vae_elements(inventory, settings, facts) * TORCH_DTYPE_BYTES[settings.dtype]
+        parts.append(Part(f"VAE encoding {chunk} images at once", round(encoding)))
+    return tuple(parts)
+
+
+def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
+    parts = [_runtime(device)]
+    released = set()
+    if settings.cache_latents and not settings.keep_encoders:
+        released.add("vae")
+    if settings.cache_text_embeddings and settings.text_cache_allowed and not settings.keep_encoders:
+        released |= set(_text_encoders(inventory, facts.architecture))
+    for name in inventory.components:
+        if name not in released:
+            parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name, device)))
+    adapter = sum(facts.adapter_sizes)
+    parts += [
+        Part("adapter (float32)", 4 * adapter),
+        Part("gradients (float32)", 4 * adapter),
+        Part(f"optimizer state ({settings.optimizer})", _optimizer_bytes(settings.optimizer, facts.adapter_sizes)),
+    ]
+    activations = _activation_bytes(settings, facts, device)
+    mode = "gradient checkpointing" if settings.gradient_checkpointing else "no checkpointing"
+    activation = Part(f"activations (batch {settings.batch_size}, {settings.resolution} px, {mode})", activations)
+    if settings.cache_latents:
+        return (*parts, activation)
+    elements = _vae_elements(inventory, settings, facts) * settings.batch_size
+    encoding = Part("VAE encoding the batch", round(elements * TORCH_DTYPE_BYTES[settings.dtype]))
+    # The encoding runs before the denoiser. A GPU allocator reuses its memory; on the CPU its large maps
+    # are fresh mmaps while the activations' heap, kept from the step before, stays resident.
+    if device == "cpu":
+        return (*parts, activation, encoding)
+    return (*parts, max(activation, encoding, key=lambda part: part.bytes))
+
+
+def _activation_bytes(settings: PlanSettings, facts: _Facts, device: str) -> int:
+    counts = facts.activations
+    if device == "cpu":  # RSS follows what the forward pass allocates, through glibc's kept heap
+        factor = CPU_CHECKPOINT_FACTOR if settings.gradient_checkpointing else CPU_ACTIVATION_FACTOR
+        per_sample, allocator = factor * counts.saved, 1.0
+    else:
+        per_sample, allocator = counts.peak(settings.gradient_checkpointing), CUDA_ALLOCATOR_FACTOR
+    elements = (per_sample + facts.text_activations) * settings.batch_size
+    return round((elements * _activation_dtype_bytes(settings) + 4 * counts.per_step) * allocator)
+
+
+def _weight_bytes(
+    inventory: BaseInventory,
+    settings: PlanSettings,
+    facts: _Facts,
+    component: str,
+    device: str = "cuda",
+    quantize: bool = True,
+) -> int:
+    """Bytes a component's weights occupy once loaded; on the CPU a memory-mapped VAE keeps only its encoder
+    resident (the decoder is never read while training)."""
+    store = TORCH_DTYPE_BYTES[settings.dtype]
+    quantized = quantize and settings.quantize != "none" and component == facts.architecture.denoiser_name
+    linear = set(adaptable_layers(inventory.layer_shapes(component))) if quantized else set()
+    encoder_only = device == "cpu" and component == "vae" and _mapped(inventory, settings, facts, component)
+    total = 0.0
+    for weight in inventory.components[component]:
+        if encoder_only and not weight.name.startswith(("encoder.", "quant_conv.")):
+            continue
+        module = weight.name.removesuffix(".weight")
+        if module in linear and len(weight.shape) == 2:
+            total += _quantized_bytes(settings.quantize, weight.shape)
+        elif weight.dtype in ("F32", "F16", "BF16", "F64"):
+            total += weight.numel * store
+        else:
+            total += weight.numel * DTYPE_BYTES.get(weight.dtype, 4)
+    return round(total)
+
+
+def _quantized_bytes(mode: str, shape: tuple[int, ...]) -> float:
+    """int8: one byte per weight and a float32 scale per output row; nf4: half a byte per weight and a
+    float32 absmax per block of 64 (bitsandbytes' layout, before its optional double quantization)."""
+    numel = math.prod(shape)
+    if mode == "int8":
+        return numel + 4 * shape[0]
+    if mode == "nf4":
+        return numel / 2 + 4 * math.ceil(numel / 64)
+    raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+
+
+def _optimizer_bytes(optimizer: str, sizes: tuple[int, ...]) -> int:
+    """AdamW: two float32 moments. AdamW8bit (bitsandbytes): two uint8 moments plus a float32 absmax per
+    256 values for tensors of 4096+ elements, float32 moments below. Prodigy: moments, `s` and the initial
+    copy `p0` (an upper bound: p0 is a scalar for zero-initialised tensors)."""
+    if optimizer == "adamw":
+        return 8 * sum(sizes)
+    if optimizer == "adamw8bit":
+        return sum(2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n for n in sizes)
+    if optimizer == "prodigy":
+        return 16 * sum(sizes)
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def _vae_elements(inventory: BaseInventory, settings: PlanSettings, facts: _Facts) -> float:
+    """Elements live while the VAE encodes one image at the training resolution."""
+    if "vae" not in inventory.components:
+        return 0.0
+    return facts.model.vae_encode(inventory.layer_shapes("vae"), settings.resolution**2)
+
+
+def _activation_dtype_bytes(settings: PlanSettings) -> float:
+    """float32 activations unless the weights or autocast are in half precision."""
+    if settings.mixed_precision != "no":
+        return 2
+    return TORCH_DTYPE_BYTES[settings.dtype]
+
+
+def _mapped(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, component: str) -> bool:
+    """Whether diffusers memory-maps the component's tensors instead of copying them (a folder or a single file
+    stored in the requested dtype, not quantized). Mapped pages count towards RSS only once they are read."""
+    if settings.quantize != "none" and component == facts.architecture.denoiser_name:
+        return False
+    wanted = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[settings.dtype]
+    return all(w.dtype == wanted for w in inventory.components[component] if w.dtype.startswith(("F", "BF")))
+
+
+def _runtime(device: str) -> Part:
+    if device == "cuda":
+        return Part("CUDA context and library workspaces", CUDA_CONTEXT)
+    return Part("runtime (Python, torch, libraries)", CPU_RUNTIME)
+
+
+def _text_tokens(inventory: BaseInventory, architecture: Architecture) -> int:
+    """Tokens per caption: the first text encoder's position-embedding rows."""
+    for component in _text_encoders(inventory, architecture):
+        for weight in inventory.components[component]:
+            if weight.name.endswith("position_embedding.weight"):
+                return weight.shape[0]
+    return 77
+
+
+def _text_encoders(inventory: BaseInventory, architecture: Architecture) -> list[str]:
+    return [
+        name for name in architecture.kohya_table if name != architecture.denoiser_name and name in inventory.components
+    ]
+
+
+def _architecture(inventory: BaseInventory) -> Architecture:
+    from lora_cli.models import ARCHITECTURES
+
+    for architecture in ARCHITECTURES:
+        if architecture.matches(inventory.pipeline_class) and architecture.name in ACTIVATION_MODELS:
+            return architecture
+    raise ModelLoadError(f"model.path: no memory model for a {inventory.pipeline_class} yet")
+
+
+def _total(parts: tuple[Part, ...]) -> int:
+    return sum(part.bytes for part in parts)
+
+
+def _largest(phases: dict[str, tuple[Part, ...]]) -> str:
+    return max(phases, key=lambda name: _total(phases[name]))
+
+
+def plan_preset(preset: Preset, device: str = "cuda", images: int | None = None) -> MemoryPlan:
+    """The memory plan of a preset (with `images` training images, if known), reading only the base's
+    safetensors headers."""
+    from lora_cli.planning.inventory import read_inventory
+
+    return estimate_memory(read_inventory(preset.model), PlanSettings.from_preset(preset, images), device)

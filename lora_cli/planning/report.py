@@ -1,0 +1,65 @@
+"""The memory plan and the advice as plain text lines for the terminal."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lora_cli.planning.advice import Advice, Budget, advise
+from lora_cli.planning.estimate import MemoryPlan, Part, PlanSettings, estimate_memory
+from lora_cli.planning.inventory import read_inventory
+from lora_cli.planning.units import format_size
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import Preset
+
+
+def plan_report(preset: Preset, vram: int | None = None, ram: int | None = None, images: int | None = None) -> str:
+    """What `lora-train --plan` prints: the GPU plan, the CPU-only RAM peak, and with budgets the changes
+    that make the GPU run fit."""
+    inventory = read_inventory(preset.model)
+    settings = PlanSettings.from_preset(preset, images)
+    plan = estimate_memory(inventory, settings, "cuda")
+    cpu = estimate_memory(inventory, settings, "cpu")
+    lines = [format_plan(plan), f"Training on the CPU only instead: RAM peak {format_size(cpu.peak_ram_bytes)}"]
+    if vram is not None or ram is not None:
+        lines += ["", format_advice(advise(inventory, settings, Budget(vram, ram), "cuda"))]
+    return "\n".join(lines)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A breakdown of each peak, largest first within its phase."""
+    settings = plan.settings
+    adapter = settings.adapter
+    where = "a GPU (cuda)" if plan.device == "cuda" else "the CPU only"
+    lines = [
+        f"Memory plan for training on {where}: estimates from the preset and the weights' headers",
+        f"adapter: {adapter.type} rank {adapter.rank} on {plan.adapted_layers} layers, "
+        f"{plan.adapter_parameters:,} parameters; batch {settings.batch_size}, {settings.resolution} px, "
+        f"model.dtype {settings.dtype}, quantize {settings.quantize}",
+    ]
+    if plan.device == "cuda":
+        lines += _section("GPU memory", plan.peak_device_bytes, plan.device_phase, plan.device_parts)
+    lines += _section("RAM", plan.peak_ram_bytes, plan.ram_phase, plan.ram_parts)
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+def format_advice(advice: Advice) -> str:
+    """The proposed preset changes, each with the peaks it leads to, then the verdict."""
+    lines = []
+    for number, change in enumerate(advice.changes, 1):
+        vram = f"VRAM {format_size(change.peak_device_bytes)}, " if advice.device == "cuda" else ""
+        lines.append(f"{number}. {change.line()}  -> {vram}RAM {format_size(change.peak_ram_bytes)}")
+    lines.append(advice.message)
+    return "\n".join(lines)
+
+
+def _section(title: str, peak: int, phase: str, parts: tuple[Part, ...]) -> list[str]:
+    width = max(len(part.name) for part in parts)
+    lines = [f"{title} peak: {format_size(peak)} (while {_PHASES[phase]})"]
+    for part in sorted(parts, key=lambda p: -p.bytes):
+        lines.append(f"  {part.name:<{width}}  {format_size(part.bytes):>10}")
+    return lines
+
+
+_PHASES = {"load": "loading the base", "cache": "filling the caches", "train": "training"}
