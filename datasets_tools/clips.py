@@ -7,6 +7,7 @@ hold at least the training frame count from their start. Video files are decoded
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def clip_info(path: Path) -> ClipInfo:
             return ClipInfo(first.width, first.height, len(frames), FRAME_FOLDER_FPS)
     av = _pyav()
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         rate = float(stream.average_rate or stream.guessed_rate or FRAME_FOLDER_FPS)
         count = stream.frames or sum(1 for _ in container.decode(stream))
         return ClipInfo(stream.codec_context.width, stream.codec_context.height, count, rate)
@@ -53,7 +54,7 @@ def read_clip(path: Path, frames: int, fps: float | None) -> list[Image.Image]:
     if path.is_dir():
         images, rate = _folder_frames(path), FRAME_FOLDER_FPS
     else:
-        images, rate = _video_frames(path)
+        images, rate = _video_frames(path, frames, fps)
     step = rate / fps if fps else 1.0
     picked = [images[int(i * step)] for i in range(frames) if int(i * step) < len(images)]
     if len(picked) < frames:
@@ -81,8 +82,14 @@ def check_clips(folder: str | Path, frames: int, fps: float | None, caption_exte
         available = int(info.frames * (fps / info.fps)) if fps else info.frames
         if available < frames:
             report.findings.append(
-                Finding("error", "file", "short-clip", str(path), f"{available} frames at the training rate, "
-                        f"{frames} needed", "lower data.frames or data.fps, or remove the clip")  # fmt: skip
+                Finding(
+                    "error",
+                    "file",
+                    "short-clip",
+                    str(path),
+                    f"{available} frames at the training rate, {frames} needed",
+                    "lower data.frames or data.fps, or remove the clip",
+                )  # fmt: skip
             )
             continue
         caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file else ""
@@ -94,8 +101,14 @@ def check_clips(folder: str | Path, frames: int, fps: float | None, caption_exte
     report.images = len(report.items)
     if not report.items:
         report.findings.append(
-            Finding("error", "folder", "no-clips", str(folder), f"no clips found ({', '.join(VIDEO_EXTENSIONS)} "
-                    "or folders of frames)", "point at the folder that holds the clips")  # fmt: skip
+            Finding(
+                "error",
+                "folder",
+                "no-clips",
+                str(folder),
+                f"no clips found ({', '.join(VIDEO_EXTENSIONS)} or folders of frames)",
+                "point at the folder that holds the clips",
+            )  # fmt: skip
         )
     return report
 
@@ -112,12 +125,25 @@ def _folder_frames(folder: Path) -> list[Image.Image]:
     return frames
 
 
-def _video_frames(path: Path) -> tuple[list[Image.Image], float]:
+def _video_frames(path: Path, frames: int, fps: float | None) -> tuple[list[Image.Image], float]:
+    """The video's frames from the start, decoding only as many as `frames` at `fps` need."""
     av = _pyav()
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         rate = float(stream.average_rate or stream.guessed_rate or FRAME_FOLDER_FPS)
-        return [frame.to_image().convert("RGB") for frame in container.decode(stream)], rate
+        needed = math.ceil(frames * (rate / fps if fps else 1.0))
+        images = []
+        for frame in container.decode(stream):
+            images.append(frame.to_image().convert("RGB"))
+            if len(images) >= needed:
+                break
+        return images, rate
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise ValueError("the file holds no video stream")
+    return container.streams.video[0]
 
 
 def _pyav():

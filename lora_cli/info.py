@@ -44,8 +44,8 @@ def adapter_info(path: Path) -> dict[str, Any]:
 
 
 def fit_to_base(path: Path, base: Path) -> dict[str, Any]:
-    """Which of the adapter's layers exist in BASE (a diffusers folder), and whether the base is the one it
-    was trained on (same weight-header fingerprint)."""
+    """Which of the adapter's layers exist in BASE (a diffusers folder or single file), and whether the base is
+    the one it was trained on (same weight-header fingerprint)."""
     import torch
 
     from lora_cli.adapters.functional import delta_weight

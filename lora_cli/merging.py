@@ -64,11 +64,12 @@ def merge_adapters(
     _check_paths(base, out)
     inputs = [base, *(path for path, _ in adapters)]
     with as_safetensors(inputs, allow_pickle, out.parent) as (base_file, *adapter_files):
-        weighted = [(file, weight) for file, (_, weight) in zip(adapter_files, adapters, strict=True)]
-        return _merge(base_file, weighted, out, allow_partial)
+        readable = [(file, weight, original) for file, (original, weight) in zip(adapter_files, adapters, strict=True)]
+        return _merge(base_file, readable, out, allow_partial)
 
 
-def _merge(base: Path, adapters: list[tuple[Path, float]], out: Path, allow_partial: bool) -> MergeResult:
+def _merge(base: Path, adapters: list[tuple[Path, float, Path]], out: Path, allow_partial: bool) -> MergeResult:
+    """The merge itself; each adapter is (file to read, weight, the user's path for messages and records)."""
     weights = open_base_weights(base)
     if weights.is_single_file and out.suffix.lower() != ".safetensors":
         raise OutputExistsError(f"{out}: the base is a single file, so OUT must be a .safetensors file too")
@@ -76,17 +77,18 @@ def _merge(base: Path, adapters: list[tuple[Path, float]], out: Path, allow_part
     plan: Plan = {}
     result = MergeResult(out, 0)
     records = []
-    for path, weight in adapters:
+    for path, weight, original in adapters:
         unmatched: list[str] = []
         _, tensors, adapter_metadata = read_adapter(path, index, unmatched if allow_partial else None)
         if unmatched:
-            result.unmatched[str(path)] = unmatched
+            result.unmatched[str(original)] = unmatched
         mode = trained_quantized(adapter_metadata)
         if mode is not None:
-            result.quantization[str(path)] = [mode, 0, len(tensors)]
+            result.quantization[str(original)] = [mode, 0, len(tensors)]
         for key, named in tensors.items():
-            plan.setdefault(key, []).append((path, named, weight))
-        records.append({"file": path.name, "sha256": file_digest(path), "weight": weight, "layers": len(tensors)})
+            plan.setdefault(key, []).append((original, named, weight))
+        record = {"file": original.name, "sha256": file_digest(original), "weight": weight, "layers": len(tensors)}
+        records.append(record)
     metadata = {"lora_cli.merged": json.dumps(records)}
     merger = _Merger(plan, result)
     if weights.is_single_file:

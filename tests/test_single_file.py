@@ -136,6 +136,21 @@ def test_merged_single_file_draws_what_base_plus_adapter_draws(tiny_sd: Path, tr
     assert np.abs(a - c).max() > 10  # and the adapter does change the image
 
 
+def test_variant_copies_and_old_buffers_in_a_folder_are_handled(tiny_sd: Path, tmp_path: Path) -> None:
+    """A hub snapshot may hold `model.fp16.safetensors` beside `model.safetensors`, and text encoders saved by
+    older transformers a `position_ids` buffer: the plain files are used, the buffer is not a weight."""
+    folder = tmp_path / "snapshot"
+    shutil.copytree(tiny_sd, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(unet)).items()}, str(unet.with_suffix(".fp16.safetensors")))
+    encoder = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(encoder))
+    save_file({**tensors, "embeddings.position_ids": torch.arange(16)[None]}, str(encoder))
+    write_single_file(folder, tmp_path / "model.safetensors", {})
+    assert_same_weights(diffusers_from_single_file(tmp_path / "model.safetensors", tiny_sd), tiny_sd)
+    assert open_base_weights(folder).files["unet"] == [unet]
+
+
 def test_single_file_errors(tiny_sd: Path, trained_adapters, tmp_path: Path) -> None:
     single = tmp_path / "base.safetensors"
     write_single_file(tiny_sd, single, {})
@@ -144,7 +159,7 @@ def test_single_file_errors(tiny_sd: Path, trained_adapters, tmp_path: Path) -> 
     lora = str(trained_adapters["lora"])
     cases = [
         ([str(single), lora, str(tmp_path / "folder-out")], "OUT must be a .safetensors file too"),
-        ([str(other), lora, str(tmp_path / "o.safetensors")], "not a Stable Diffusion single-file checkpoint"),
+        ([str(other), lora, str(tmp_path / "o.safetensors")], "not a Stable Diffusion 1.x/2.x/XL single-file"),
     ]
     for args, message in cases:
         result = run_command("merge", *args)
@@ -162,9 +177,7 @@ def test_pickle_inputs_need_allow_pickle(tiny_sd: Path, trained_adapters, tmp_pa
     torch.save(load_file(str(trained_adapters["lora"])), adapter)
     refused = run_command("merge", str(checkpoint), str(adapter), str(tmp_path / "a.safetensors"))
     assert refused.returncode == 2 and "--allow-pickle" in refused.stderr and "Traceback" not in refused.stderr
-    allowed = run_command(
-        "merge", str(checkpoint), str(adapter), str(tmp_path / "b.safetensors"), "--allow-pickle"
-    )
+    allowed = run_command("merge", str(checkpoint), str(adapter), str(tmp_path / "b.safetensors"), "--allow-pickle")
     assert allowed.returncode == 0, allowed.stderr
     merge_adapters(single, [(trained_adapters["lora"], 1.0)], tmp_path / "c.safetensors")
     b, c = load_file(str(tmp_path / "b.safetensors")), load_file(str(tmp_path / "c.safetensors"))

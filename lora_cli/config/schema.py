@@ -43,8 +43,8 @@ class ModelSection(Section):
     max_text_tokens: int | None = Field(
         None,
         gt=0,
-        description="Token limit of T5 text encoders (Flux); longer captions are cut. Default: the base's "
-        "(512 for Flux; use 256 for FLUX.1 schnell).",
+        description="Token limit of T5-family text encoders (Flux, SD3, PixArt, Wan); longer captions are cut. "
+        "Default: the base's (Flux 512 — use 256 for FLUX.1 schnell —, SD3 256, PixArt-Sigma 300, Wan 512).",
     )
     allow_pickle: bool = Field(
         False,
@@ -228,7 +228,7 @@ class TrainSection(Section):
 
 
 class FlowSection(Section):
-    """Flow-matching settings (SD3, Flux); ignored by denoising-diffusion bases (SD1.x/2, SDXL)."""
+    """Flow-matching settings (SD3, Flux, Wan); ignored by denoising-diffusion bases (SD1.x/2, SDXL, PixArt)."""
 
     timesteps: Literal["logit_normal", "uniform"] = Field(
         "logit_normal",
@@ -241,7 +241,7 @@ class FlowSection(Section):
         None,
         description="Shift drawn sigmas towards noise: a number s maps sigma to s*sigma/(1+(s-1)*sigma); `auto` "
         "derives it from the image size (Flux's resolution-dependent shift). Default: the base's own "
-        "(3.0 for SD3, `auto` for Flux).",
+        "(`auto` for Flux; the scheduler's shift for SD3 and Wan).",
     )
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none", description="Loss weighting over noise levels: `none`, `sigma_sqrt` or `cosmap` (SD3 paper)."
@@ -274,8 +274,8 @@ class OutputSection(Section):
     format: Literal["kohya", "diffusers"] | None = Field(
         None,
         description="Key format: `kohya` (A1111, ComfyUI and diffusers read it) or `diffusers` (peft-style keys). "
-        "Default: what the base's community tools read — `kohya` for SD1.x/2 and SDXL, `diffusers` for Flux "
-        "(LoHa/LoKr always use kohya/LyCORIS keys).",
+        "Default: what the base's community tools read — `kohya` for SD1.x/2 and SDXL, `diffusers` for the DiTs "
+        "(SD3, Flux, PixArt, Wan); LoHa/LoKr always use kohya/LyCORIS keys.",
     )
     save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_last: int = Field(3, ge=1, description="How many checkpoints to keep.")

@@ -54,5 +54,11 @@ def _convert(path: Path, target: Path) -> Path:
     )
     if not tensors:
         raise LoraCliError(f"{path}: holds no tensors by name (not a state dict)")
-    save_tensors(target, {key: value.clone() for key, value in tensors.items()}, {})
+    seen: set[int] = set()  # safetensors refuses tensors that share storage (EMA copies, tied weights)
+    unique = {}
+    for key, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr()
+        unique[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    save_tensors(target, unique, {})
     return target

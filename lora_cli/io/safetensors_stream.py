@@ -9,6 +9,7 @@ as bytes without being decoded.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -38,6 +39,9 @@ class TensorReader:
         self.header = read_header(path, error)
         self.metadata: dict[str, str] = self.header.pop("__metadata__", None) or {}
         self._data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+        for name, entry in self.header.items():
+            if not _valid_entry(entry):
+                raise error(f"{path}: damaged safetensors header (entry {name} has impossible offsets or shape)")
 
     def names(self) -> list[str]:
         """Tensor names in file order."""
@@ -72,20 +76,31 @@ def open_readers(paths: list[Path], error: type[LoraCliError]) -> Iterator[list[
         yield [TensorReader(path, stack.enter_context(open(path, "rb")), error) for path in paths]
 
 
+def _valid_entry(entry: object) -> bool:
+    """Offsets that are ordered, a shape of non-negative ints, and for dtypes torch knows, a size that matches."""
+    try:
+        begin, end = entry["data_offsets"]
+        shape = [int(size) for size in entry["shape"]]
+    except (KeyError, TypeError, ValueError):
+        return False
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or min(shape, default=0) < 0:
+        return False
+    dtype = DTYPES.get(entry.get("dtype"))
+    return dtype is None or end - begin == math.prod(shape) * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One tensor of a file to be written: its header entry and how to produce its bytes when its turn comes."""
+    """One tensor of a file to be written: its header entry, its size and how to produce its bytes."""
 
     name: str
     dtype: str
     shape: list[int]
     produce: Callable[[], bytes | memoryview]
+    size: int | None = None  # bytes; computed from dtype and shape when not given
 
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * DTYPES[self.dtype].itemsize
+        return self.size if self.size is not None else math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 def write_streamed(target: Path, planned: list[PlannedTensor], metadata: dict[str, str]) -> None:
@@ -124,10 +139,11 @@ def stream_rewrite(
                 return lambda: reader.raw(name)
             return lambda: tensor_bytes(transform(name, reader.tensor(name)))
 
-        planned = [
-            PlannedTensor(name, reader.header[name]["dtype"], reader.header[name]["shape"], produce(name))
-            for name in reader.names()
-        ]
+        planned = []
+        for name in reader.names():
+            entry = reader.header[name]
+            begin, end = entry["data_offsets"]
+            planned.append(PlannedTensor(name, entry["dtype"], entry["shape"], produce(name), size=end - begin))
         write_streamed(target, planned, {**reader.metadata, **metadata})
 
 

@@ -25,8 +25,15 @@ class Flux(DiffusionTransformer):
     target_presets = {
         "attention": attention,
         # + the feed-forwards of both streams and the single blocks' fused MLP/output projections
-        "attention_ff": (*attention, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-                         "proj_mlp", "single_transformer_blocks.*.proj_out"),  # fmt: skip
+        "attention_ff": (
+            *attention,
+            "ff.net.0.proj",
+            "ff.net.2",
+            "ff_context.net.0.proj",
+            "ff_context.net.2",
+            "proj_mlp",
+            "single_transformer_blocks.*.proj_out",
+        ),  # fmt: skip
         "full": ("*",),
     }
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP only

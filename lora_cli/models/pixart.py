@@ -17,6 +17,7 @@ from lora_cli.training.objectives import DenoisingObjective
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
+    from lora_cli.training.data import CropGeometry
 
 
 class PixArt(DiffusionTransformer):
@@ -49,6 +50,15 @@ class PixArt(DiffusionTransformer):
         states = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
         return {"encoder_hidden_states": states, "encoder_attention_mask": batch.attention_mask.float()}
 
+    def extra_conditioning(
+        self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """PixArt-Alpha 1024 conditions on each image's size and aspect ratio; Sigma does not."""
+        if not base.denoiser.use_additional_conditions:
+            return {}
+        sizes = torch.tensor([[g.height, g.width] for g in geometry], dtype=torch.float32, device=device)
+        return {"resolution": sizes, "aspect_ratio": sizes[:, :1] / sizes[:, 1:]}
+
     def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> DenoisingObjective:
         return DenoisingObjective(base.noise_scheduler, preset.train.min_snr_gamma)
 
@@ -60,7 +70,10 @@ class PixArt(DiffusionTransformer):
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             encoder_attention_mask=conditioning["encoder_attention_mask"],
             timestep=timesteps,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            added_cond_kwargs={
+                "resolution": conditioning.get("resolution"),
+                "aspect_ratio": conditioning.get("aspect_ratio"),
+            },
             return_dict=False,
         )[0]
         channels = noisy_latents.shape[1]

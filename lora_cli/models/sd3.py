@@ -9,7 +9,7 @@ import torch
 from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
-from lora_cli.training.objectives import FlowMatchingObjective
+from lora_cli.training.objectives import FlowMatchingObjective, resolution_shift
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
@@ -66,8 +66,6 @@ class StableDiffusion3(DiffusionTransformer):
         if shift is None:  # the base's own scheduler shift (3.0 for SD3)
             shift = base.pipeline_extras["scheduler"].config.get("shift", 3.0)
         elif shift == "auto":
-            from lora_cli.training.objectives import resolution_shift
-
             shift = resolution_shift((latents.shape[2] // 2) * (latents.shape[3] // 2))
         return FlowMatchingObjective(preset.flow, float(shift))
 

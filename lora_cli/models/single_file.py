@@ -72,15 +72,14 @@ LAYOUTS = (SDXL, SD2, SD1)
 def detect_layout(keys: Iterable[str], source: str) -> SingleFileLayout:
     """Which family a single file belongs to, from its key names."""
     keys = list(keys)
-    if not any(key.startswith(UNET_PREFIX) for key in keys):
-        raise ModelLoadError(
-            f"{source}: not a Stable Diffusion single-file checkpoint (no {UNET_PREFIX}* keys); "
-            "give a diffusers folder or an SD1.x/2.x/XL checkpoint"
-        )
-    for layout in LAYOUTS:
+    unet = any(key.startswith(UNET_PREFIX + "input_blocks.") for key in keys)
+    for layout in LAYOUTS if unet else ():
         if all(any(key.startswith(slot.prefix) for key in keys) for slot in layout.text_encoders):
             return layout
-    raise ModelLoadError(f"{source}: the checkpoint has a UNet but no text encoder this tool recognises")
+    raise ModelLoadError(
+        f"{source}: not a Stable Diffusion 1.x/2.x/XL single-file checkpoint (single files of DiTs such as Flux "
+        "or SD3 are not supported); give a diffusers folder or hub id"
+    )
 
 
 def layout_for_folder(pipeline_class: str, text_encoder_config: dict) -> SingleFileLayout:
@@ -94,7 +93,8 @@ def layout_for_folder(pipeline_class: str, text_encoder_config: dict) -> SingleF
 
 def to_single_file(layout: SingleFileLayout, component: str, keys: list[str]) -> dict[str, Placement]:
     """`{diffusers_key: Placement}` for one component's parameters; a key with no place is an error."""
-    local = {_without_text_model(component, key): key for key in keys}
+    buffers = ("position_ids",)  # saved by older transformers; not weights, and no single file holds them
+    local = {_without_text_model(component, key): key for key in keys if not key.endswith(buffers)}
     rules = _rules(layout, component, list(local), diffusers_side=True)
     placed = {}
     for key, original in local.items():
@@ -139,9 +139,12 @@ class _Rules:
         self.prefix = prefix
         self.exact: dict[str, Placement] = {}
         self.prefixes: dict[str, tuple[str, bool]] = {}
+        self.legacy: set[str] = set()  # old diffusers names: read from folders, never produced from files
 
-    def add(self, diffusers: str, original: str, conv: bool = False) -> None:
+    def add(self, diffusers: str, original: str, conv: bool = False, legacy: bool = False) -> None:
         self.prefixes[diffusers + "."] = (original + ".", conv)
+        if legacy:
+            self.legacy.add(diffusers + ".")
 
     def lookup(self, key: str) -> Placement | None:
         if key in self.exact:
@@ -159,7 +162,11 @@ class _Rules:
         by_file: dict[str, list[tuple[str, Placement]]] = {}
         for diffusers, placement in self.exact.items():
             by_file.setdefault(placement.key, []).append((diffusers, placement))
-        back = {original: (diffusers, conv) for diffusers, (original, conv) in self.prefixes.items()}
+        back = {
+            original: (diffusers, conv)
+            for diffusers, (original, conv) in self.prefixes.items()
+            if diffusers not in self.legacy
+        }
         found = []
         for key in file_keys:
             if key in by_file:
@@ -271,6 +278,9 @@ def _vae_rules(levels: int) -> _Rules:
         rules.add(f"{attention}.group_norm", f"{part}.mid.attn_1.norm")
         for diffusers, original in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
             rules.add(f"{attention}.{diffusers}", f"{part}.mid.attn_1.{original}", conv=True)
+        # Older diffusers VAE folders (e.g. SD1.5's on the hub) still use these names.
+        for legacy, original in (("query", "q"), ("key", "k"), ("value", "v"), ("proj_attn", "proj_out")):
+            rules.add(f"{attention}.{legacy}", f"{part}.mid.attn_1.{original}", conv=True, legacy=True)
         for level in range(levels):
             source, target = ("down", level) if part == "encoder" else ("up", levels - 1 - level)
             for layer in range(8):  # more than any VAE has; rules for absent layers are never used

@@ -11,7 +11,7 @@ import torch
 from lora_cli.errors import ModelLoadError
 from lora_cli.io.safetensors_stream import PlannedTensor, TensorReader, open_readers, tensor_bytes, write_streamed
 from lora_cli.models.single_file import Placement, layout_for_folder, to_single_file
-from lora_cli.models.weights import pipeline_class, place
+from lora_cli.models.weights import component_files, pipeline_class, place
 
 ParameterTransform = Callable[[str, str, torch.Tensor], torch.Tensor]
 
@@ -24,7 +24,7 @@ def write_single_file(
     layout = layout_for_folder(pipeline_class(folder), _config(folder / "text_encoder"))
     sources: list[tuple[str, Path]] = []
     for component in layout.prefixes():
-        paths = sorted((folder / component).glob("*.safetensors"))
+        paths = component_files(folder / component)
         if not paths:
             raise ModelLoadError(f"{folder}: component {component} has no .safetensors weights to write")
         sources += [(component, path) for path in paths]

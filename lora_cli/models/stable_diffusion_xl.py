@@ -44,9 +44,7 @@ class StableDiffusionXL(StableDiffusion):
         self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device
     ) -> dict[str, torch.Tensor]:
         """SDXL's time ids: original size, crop top-left and target size, (height, width) order."""
-        rows = [
-            [g.original_height, g.original_width, g.crop_top, g.crop_left, g.height, g.width] for g in geometry
-        ]
+        rows = [[g.original_height, g.original_width, g.crop_top, g.crop_left, g.height, g.width] for g in geometry]
         return {"time_ids": torch.tensor(rows, dtype=torch.float32, device=device)}
 
     def predict(

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_cli.errors import ModelLoadError
 from lora_cli.models.base import BaseIdentity, LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
 from lora_cli.models.source import weight_fingerprint
@@ -33,11 +32,6 @@ class DiffusionTransformer:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
 
     def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase:
-        if location is not None and location.is_file():
-            raise ModelLoadError(
-                f"model.path: {location}: single-file {self.name} checkpoints are not supported; "
-                "give a diffusers folder or hub id"
-            )
         source = str(location) if location is not None else spec.path
         names = ["transformer", "vae", "scheduler", *self.text_encoder_classes, *self.text_encoder_classes.values()]
         components = load_components(spec, source, names, dtype)
@@ -94,6 +88,4 @@ class DiffusionTransformer:
 
 def tokens(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Any:
     """Token ids (and attention mask) padded and cut to `length`."""
-    return tokenizer(
-        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-    ).to(device)
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").to(device)

@@ -73,11 +73,7 @@ def open_base_weights(path: str | Path) -> BaseWeights:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers pipeline folder (no model_index.json) nor a .safetensors file")
     architecture = _architecture(pipeline_class(path), path)
-    files = {
-        component: sorted((path / component).glob("*.safetensors"))
-        for component in architecture.kohya_table
-        if (path / component).is_dir()
-    }
+    files = {component: component_files(path / component) for component in architecture.kohya_table}
     if not any(files.values()):
         raise ModelLoadError(f"{path}: no .safetensors weights found (pickle .bin weights are refused)")
     shapes = {}
@@ -88,6 +84,18 @@ def open_base_weights(path: str | Path) -> BaseWeights:
                 if name.endswith(WEIGHT):
                     shapes[(component, name[: -len(WEIGHT)])] = tuple(entry["shape"])
     return BaseWeights(path, architecture.kohya_table, shapes, files=files)
+
+
+def component_files(folder: Path) -> list[Path]:
+    """One set of a component's weight files: the plain ones (`model.safetensors`, shards included), else those
+    of a single variant (`model.fp16.safetensors`); a hub snapshot often holds both."""
+    by_variant: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        stem_parts = path.name.split(".")
+        by_variant.setdefault(stem_parts[1] if len(stem_parts) > 2 else "", []).append(path)
+    if not by_variant:
+        return []
+    return by_variant.get("", by_variant[min(by_variant)])
 
 
 def pipeline_class(folder: Path) -> str:

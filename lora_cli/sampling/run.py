@@ -82,7 +82,11 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
     from lora_cli.models import load_base
 
     device = _device(request.device)
-    dtype = "float16" if device.type == "cuda" else "float32"
+    dtype = "float32"
+    if device.type == "cuda":  # bf16 where the GPU has it: DiTs overflow in fp16
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     spec = ModelSection(
         path=request.base, config=request.config, dtype=dtype, allow_pickle=request.allow_pickle,
         quantize=request.quantize,

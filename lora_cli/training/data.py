@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from datasets_tools.buckets import assign_bucket, bucket_step, make_buckets
-from datasets_tools.clips import clip_info, is_clip, read_clip
+from datasets_tools.clips import clip_info, read_clip
 from datasets_tools.images import image_size
 from datasets_tools.scan import DatasetItem, dataset_fingerprint, file_digest
 
@@ -55,11 +55,11 @@ class TrainingData:
         fps: float | None = None,
     ) -> TrainingData:
         everything = [*items, *prior_items]
-        digests = [media_digest(item.image) for item in everything]
+        digests = [media_digest(item.image) for item in everything]  # a frame folder hashes its frames
         weights = [1.0] * len(items) + [prior_weight] * len(prior_items)
         times = [item.repeats * repeats for item in items] + [item.repeats for item in prior_items]
         entries = [index for index, count in enumerate(times) for _ in range(count)]
-        geometry = [crop_geometry(item, resolution) for item in everything]
+        geometry = [crop_geometry(item, resolution, clips=frames is not None) for item in everything]
         buckets = [(g.width, g.height) for g in geometry]
         fingerprint = dataset_fingerprint(everything, digests)
         return cls(everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps)
@@ -78,16 +78,17 @@ class CropGeometry:
     height: int
 
 
-def crop_geometry(item: DatasetItem, resolution: int) -> CropGeometry:
-    """The image's aspect-ratio bucket, never upscaled (the buckets `lora-check-dataset` reports), and crop."""
-    width, height = media_size(item.image)
+def crop_geometry(item: DatasetItem, resolution: int, clips: bool = False) -> CropGeometry:
+    """The image's (or clip's frames') aspect-ratio bucket, never upscaled (the buckets `lora-check-dataset`
+    reports), and crop."""
+    width, height = media_size(item.image, clips)
     assignment = assign_bucket(width, height, make_buckets(resolution), bucket_step(resolution))
     return CropGeometry(width, height, assignment.crop_left, assignment.crop_top, assignment.width, assignment.height)
 
 
-def media_size(path: Path) -> tuple[int, int]:
+def media_size(path: Path, clip: bool) -> tuple[int, int]:
     """(width, height) of an image or of a clip's frames."""
-    if is_clip(path):
+    if clip:
         info = clip_info(path)
         return info.width, info.height
     return image_size(path)

@@ -37,7 +37,8 @@ class BatchEncoder:
                 base.vae = None
         if cache.text_embeddings:
             on_progress("caching text embeddings")
-            store = EncodingCache(cache_root / "text", f"text:{base.identity.fingerprint}")
+            tokens = base.pipeline_extras.get("text_tokens")  # T5 length: embeddings differ with it
+            store = EncodingCache(cache_root / "text", f"text:{base.identity.fingerprint}:{tokens}")
             self._cache_prompts(store)
             if not keep_encoders:
                 base.text_encoders = {}

@@ -21,7 +21,7 @@ from lora_cli.training.session import TrainingSession
 # Preset sections that must be identical to resume; the rest (logging, output, samples) may change, and so
 # may train.steps/epochs (to train longer).
 FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "flow", "cache")
-MAY_CHANGE = {("train", "steps"), ("train", "epochs")}
+MAY_CHANGE = {("train", "steps"), ("train", "epochs"), ("model", "allow_pickle")}
 
 
 def write_checkpoint(session: TrainingSession) -> Path:
@@ -60,10 +60,11 @@ def _check_unchanged(session: TrainingSession, saved_preset: dict, saved_process
     same_global = current["train"]["batch_size"] * processes == saved_global
     for section in FROZEN_SECTIONS:
         saved = saved_preset.get(section, {})
+        fields = type(getattr(session.preset, section)).model_fields  # keys added since have their defaults
         changed = sorted(
             key
             for key in current[section]
-            if saved.get(key) != current[section][key]
+            if saved.get(key, fields[key].default) != current[section][key]
             and (section, key) not in MAY_CHANGE
             and not ((section, key) == ("train", "batch_size") and same_global)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -42,7 +43,8 @@ def train(
     resuming = resume or resume_from is not None
     if not dry_run:
         claim_run_folder(paths, resuming, overwrite)
-        remove_stale_temporaries(paths)
+        if int(os.environ.get("RANK", "0")) == 0:  # other processes may start later; only the writer cleans
+            remove_stale_temporaries(paths)
     base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run)
     if "quantization" in base.pipeline_extras:
         console.print(base.pipeline_extras["quantization"].line(), highlight=False)
@@ -62,7 +64,13 @@ def train(
         paths.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(paths.preset, preset_to_yaml(preset))
     with stop_on_signals() as stop:
-        run_loop(session, default_callbacks(session, show_progress), stop)
+        try:
+            run_loop(session, default_callbacks(session, show_progress), stop)
+        except OSError as exc:  # metrics, previews, plots (checkpoint writes name their own file)
+            raise OutputWriteError(
+                f"{paths.root}: cannot write ({exc.strerror or exc}); the checkpoints in {paths.checkpoints} are "
+                "intact: free disk space and continue with --resume"
+            ) from None
     session.accelerator.wait_for_everyone()
     check_processes_agree(session)
     if session.accelerator.is_main_process:

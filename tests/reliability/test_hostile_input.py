@@ -72,6 +72,15 @@ def test_damaged_safetensors_headers_and_metadata(tiny_sd, lora_file, tmp_path) 
     oversized.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(struct.pack("<Q", 10) + b"\xff\xfe not json")
+    lying = tmp_path / "lying-offsets.safetensors"  # a 2x2 float32 tensor that claims 4 bytes
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 4]}})
+    lying.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    from lora_cli.errors import ModelLoadError
+    from lora_cli.io.safetensors_stream import stream_rewrite
+
+    with pytest.raises(ModelLoadError, match="entry w has impossible offsets or shape"):
+        stream_rewrite(lying, tmp_path / "out.safetensors", lambda n, t: t, lambda n: False, {}, ModelLoadError)
+    assert not (tmp_path / "out.safetensors").exists()
     wrong_metadata = tmp_path / "wrong-metadata.safetensors"
     header = json.dumps(
         {"__metadata__": {"lora_cli.rank": 4}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
