@@ -55,8 +55,17 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if final.exists():
-            shutil.rmtree(final)
+            remove_directory(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_directory(folder: str | Path) -> None:
+    """Delete a folder so that it disappears at once: renamed to a hidden temporary name first (a crash during
+    the deletion leaves only that, which the next run removes), then deleted."""
+    folder = Path(folder)
+    doomed = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    os.replace(folder, doomed / folder.name)
+    shutil.rmtree(doomed, ignore_errors=True)

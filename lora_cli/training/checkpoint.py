@@ -7,7 +7,6 @@ step, holding `adapter.safetensors` (kohya layout) and `state.safetensors` (tens
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from lora_cli.errors import CheckpointError
-from lora_cli.io.atomic import atomic_directory
+from lora_cli.io.atomic import atomic_directory, remove_directory
 from lora_cli.io.safetensors_file import load_tensors, save_tensors
 
 STATE_FILE = "state.safetensors"
@@ -72,7 +71,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], TrainingStat
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     for old in list_checkpoints(checkpoints)[:-keep]:
-        shutil.rmtree(old)
+        remove_directory(old)  # never visible half-deleted
 
 
 def _flatten(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -11,6 +11,7 @@ from lora_cli import __version__
 from lora_cli.adapters.injection import InjectedAdapter
 from lora_cli.config.schema import Preset
 from lora_cli.errors import OutputExistsError
+from lora_cli.io.atomic import remove_directory
 from lora_cli.models.base import BaseIdentity
 
 
@@ -75,7 +76,7 @@ def claim_run_folder(paths: RunPaths, resume: bool, overwrite: bool) -> None:
             "--overwrite to replace it, or set output.dir to a new folder"
         )
     for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_directory(path) if path.is_dir() else path.unlink()
 
 
 def remove_stale_temporaries(paths: RunPaths) -> int:
