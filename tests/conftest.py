@@ -63,6 +63,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return run_command("train", *args)
 
 
+def train_preset(raw: dict, name: str) -> Path:
+    """Train the preset given as a dict (as a YAML file would hold it) through lora-cli's trainer."""
+    from rich.console import Console
+
+    from lora_cli.config import validate_preset
+    from lora_cli.training.run import train
+
+    return train(validate_preset(raw, name), Console(quiet=True), show_progress=False)
+
+
 def fixed_batch_losses(
     preset: Path, overrides: list[str], shapes_data: Path, steps: int = 60, sample: str = "yellow_star_0000"
 ) -> tuple[float, float]:
@@ -134,11 +144,6 @@ ADAPTER_KINDS = {
 @pytest.fixture(scope="session")
 def trained_adapters(tiny_sd: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small adapter per algorithm, trained by lora-train (large learning rate so the change is visible)."""
-    from rich.console import Console
-
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
     folder = tmp_path_factory.mktemp("adapters")
     made = {}
     for kind, adapter in ADAPTER_KINDS.items():
@@ -149,5 +154,5 @@ def trained_adapters(tiny_sd: Path, shapes_data: Path, tmp_path_factory: pytest.
             "train": {"steps": 3, "learning_rate": 3e-2, "batch_size": 2},
             "output": {"dir": str(folder / kind), "name": kind},
         }
-        made[kind] = train(validate_preset(raw, kind), Console(quiet=True), show_progress=False)
+        made[kind] = train_preset(raw, kind)
     return made

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lora_cli.merging import merge_adapters
 from lora_cli.models.weights import open_base_weights
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import diffusers_image, fixed_batch_losses
+from tests.conftest import diffusers_image, fixed_batch_losses, train_preset
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +27,6 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_adapter(tiny_sdxl: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA on the UNet and both text encoders (kohya's lora_unet_/lora_te1_/lora_te2_ keys)."""
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
     folder = tmp_path_factory.mktemp("sdxl-lora")
     raw = {
         "model": {"path": str(tiny_sdxl)},
@@ -38,7 +35,7 @@ def sdxl_adapter(tiny_sdxl: Path, shapes_data: Path, tmp_path_factory: pytest.Te
         "train": {"steps": 3, "learning_rate": 3e-2, "batch_size": 2},
         "output": {"dir": str(folder), "name": "sdxl"},
     }
-    return train(validate_preset(raw, "sdxl"), Console(quiet=True), show_progress=False)
+    return train_preset(raw, "sdxl")
 
 
 def sample(base: Path, out: Path, adapters: list[tuple[Path, float]] = (), **extra) -> np.ndarray:
@@ -107,9 +104,6 @@ def tiny_dit(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Pa
 
 @pytest.fixture(scope="session")
 def dit_adapter(tiny_dit, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
     name, base = tiny_dit
     folder = tmp_path_factory.mktemp(f"{name}-lora")
     raw = {
@@ -119,7 +113,7 @@ def dit_adapter(tiny_dit, shapes_data: Path, tmp_path_factory: pytest.TempPathFa
         "train": {"steps": 3, "learning_rate": 3e-2, "batch_size": 2},
         "output": {"dir": str(folder), "name": name},
     }
-    return train(validate_preset(raw, name), Console(quiet=True), show_progress=False)
+    return train_preset(raw, name)
 
 
 @pytest.mark.parametrize("flow", [[], ["flow.timesteps=uniform", "flow.shift=3.0", "flow.weighting=cosmap"]])

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from rich.console import Console
 
 from lora_cli.config.schema import ModelSection
-from tests.conftest import fixed_batch_losses, run_command
+from tests.conftest import fixed_batch_losses, run_command, train_preset
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +51,6 @@ def test_unet_quantization_reports_that_convolutions_stay(tiny_sd: Path) -> None
 
 
 def test_adapter_from_a_quantized_base_warns_when_used_on_full_precision(wide_flux, shapes_data, tmp_path) -> None:
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
     def trained(name: str, quantize: str) -> Path:
         raw = {
             "model": {"path": str(wide_flux), "max_text_tokens": 32, "quantize": quantize},
@@ -63,7 +59,7 @@ def test_adapter_from_a_quantized_base_warns_when_used_on_full_precision(wide_fl
             "train": {"steps": 2, "learning_rate": 1e-3, "batch_size": 2},
             "output": {"dir": str(tmp_path / name)},
         }
-        return train(validate_preset(raw, name), Console(quiet=True), show_progress=False)
+        return train_preset(raw, name)
 
     quantized, plain = trained("q", "nf4"), trained("plain", "none")
     merged = run_command("merge", str(wide_flux), str(quantized), str(tmp_path / "merged"))

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from lora_cli.sampling.png import read_png_parameters
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import diffusers_image, run_command
+from tests.conftest import diffusers_image, run_command, train_preset
 
 
 def sample_cli(*args: str) -> subprocess.CompletedProcess:
@@ -112,10 +112,8 @@ def test_bypass_switching_between_adapters_matches_weight_patching(
 ):
     """Two adapters of one algorithm are injected side by side and switched; each column must equal what
     the weight patcher (exact merged weights) draws, and scale 0 / the base column the plain base."""
-    from lora_cli.config import validate_preset
     from lora_cli.sampling.patcher import WeightPatcher
     from lora_cli.sampling.switcher import BypassSwitcher, make_switcher
-    from lora_cli.training.run import train
 
     raw = {
         "model": {"path": str(tiny_sd)},
@@ -124,7 +122,7 @@ def test_bypass_switching_between_adapters_matches_weight_patching(
         "train": {"steps": 2, "learning_rate": 3e-2, "batch_size": 2, "seed": 9},
         "output": {"dir": str(tmp_path / "second"), "name": "second"},
     }
-    second = train(validate_preset(raw, "second"), Console(quiet=True), show_progress=False)
+    second = train_preset(raw, "second")
     pair = [(adapters["lora"], 0.8), (second, 1.0)]
     assert isinstance(make_switcher({}, {}, [p for p, _ in pair]), BypassSwitcher)
     assert isinstance(make_switcher({}, {}, [adapters["lora"], adapters["loha"]]), WeightPatcher)

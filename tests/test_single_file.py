@@ -16,7 +16,7 @@ from lora_cli.merging import merge_adapters
 from lora_cli.models.single_file_writer import write_single_file
 from lora_cli.models.weights import open_base_weights
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import run_command
+from tests.conftest import run_command, train_preset
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,6 @@ def test_written_single_file_loads_in_diffusers_unchanged(style, tiny_sd: Path, 
 @pytest.fixture(scope="module")
 def sd2_text_encoder_lora(sd2_style: Path, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA on the UNet and the text encoder's q/k/v (fused into one tensor in SD2 single files)."""
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
     folder = tmp_path_factory.mktemp("te-lora")
     raw = {
         "model": {"path": str(sd2_style)},
@@ -94,7 +91,7 @@ def sd2_text_encoder_lora(sd2_style: Path, shapes_data: Path, tmp_path_factory: 
         "train": {"steps": 3, "learning_rate": 3e-2, "batch_size": 2},
         "output": {"dir": str(folder), "name": "te"},
     }
-    return train(validate_preset(raw, "te"), Console(quiet=True), show_progress=False)
+    return train_preset(raw, "te")
 
 
 def test_merging_into_a_single_file_equals_merging_into_the_folder(

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from datasets_tools.clips import check_clips
 from lora_cli.merging import merge_adapters
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import fixed_batch_losses, run_command
+from tests.conftest import fixed_batch_losses, run_command, train_preset
 
 FRAMES = 5  # Wan's VAE takes 4k+1 frames
 
@@ -46,11 +46,8 @@ def wan_preset(base: Path, data: Path, out: Path, **train) -> dict:
 
 @pytest.fixture(scope="module")
 def wan_adapter(tiny_wan: Path, clips: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_cli.config import validate_preset
-    from lora_cli.training.run import train
-
     raw = wan_preset(tiny_wan, clips, tmp_path_factory.mktemp("wan-lora"))
-    return train(validate_preset(raw, "wan"), Console(quiet=True), show_progress=False)
+    return train_preset(raw, "wan")
 
 
 def test_clip_check_reads_both_kinds_and_reports_problems(clips: Path, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import torch
 from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
-from lora_cli.training.objectives import FlowMatchingObjective, resolution_shift
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
@@ -20,6 +19,7 @@ class Flux(DiffusionTransformer):
     name = "flux"
     pipeline_class = "FluxPipeline"
     default_text_tokens = 512  # Flux dev's T5 limit (schnell was trained with 256)
+    default_shift = "auto"  # Flux's resolution-dependent shift
     text_encoder_classes = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # CLIP, T5
     attention = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     target_presets = {
@@ -56,12 +56,6 @@ class Flux(DiffusionTransformer):
         clip_ids = tokens(clip_tokenizer, captions, clip_tokenizer.model_max_length, clip.device).input_ids
         t5_ids = tokens(t5_tokenizer, captions, base.pipeline_extras["text_tokens"], t5.device).input_ids
         return {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output}
-
-    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> FlowMatchingObjective:
-        shift = preset.flow.shift
-        if shift is None or shift == "auto":  # Flux's default: more noise for more image tokens
-            shift = resolution_shift((latents.shape[2] // 2) * (latents.shape[3] // 2))
-        return FlowMatchingObjective(preset.flow, float(shift))
 
     def extra_conditioning(
         self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device

@@ -9,10 +9,9 @@ import torch
 from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
-from lora_cli.training.objectives import FlowMatchingObjective, resolution_shift
 
 if TYPE_CHECKING:
-    from lora_cli.config.schema import Preset
+    pass
 
 CLIP_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G (both with projection)
 
@@ -60,14 +59,6 @@ class StableDiffusion3(DiffusionTransformer):
             "encoder_hidden_states": torch.cat([clip_states, t5_states], dim=-2),
             "pooled_projections": torch.cat(pooled, dim=-1),
         }
-
-    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> FlowMatchingObjective:
-        shift = preset.flow.shift
-        if shift is None:  # the base's own scheduler shift (3.0 for SD3)
-            shift = base.pipeline_extras["scheduler"].config.get("shift", 3.0)
-        elif shift == "auto":
-            shift = resolution_shift((latents.shape[2] // 2) * (latents.shape[3] // 2))
-        return FlowMatchingObjective(preset.flow, float(shift))
 
     def predict(
         self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict

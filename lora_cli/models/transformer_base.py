@@ -3,6 +3,7 @@ diffusers folder or hub id, the VAE's latents and the pipeline built from the lo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,10 +12,12 @@ import torch
 from lora_cli.models.base import BaseIdentity, LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
 from lora_cli.models.source import weight_fingerprint
+from lora_cli.training.objectives import FlowMatchingObjective, resolution_shift
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import ModelSection, Preset
     from lora_cli.training.data import CropGeometry
+    from lora_cli.training.objectives import Objective
 
 
 class DiffusionTransformer:
@@ -27,6 +30,7 @@ class DiffusionTransformer:
     default_format = "diffusers"  # diffusers' layout: what diffusers and ComfyUI load for DiTs
     default_text_tokens: int  # T5's token limit unless model.max_text_tokens says otherwise
     native_resolution = 1024
+    default_shift = "scheduler"  # flow.shift when unset: the scheduler's shift, or "auto" (resolution-dependent)
 
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
@@ -62,6 +66,17 @@ class DiffusionTransformer:
     def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         extras = base.pipeline_extras
         return latents_from_encoding(encoding, noise, extras["vae_scaling_factor"], extras["vae_shift_factor"])
+
+    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> Objective:
+        """Flow matching with `flow.shift`: a number, `auto` (from the image-token count: 2x2 latent patches,
+        per frame for video) or, unset, the architecture's default."""
+        shift = preset.flow.shift if preset.flow.shift is not None else self.default_shift
+        if shift == "scheduler":
+            config = base.pipeline_extras["scheduler"].config
+            shift = config.get("shift") or config.get("flow_shift") or 3.0
+        elif shift == "auto":
+            shift = resolution_shift(math.prod(latents.shape[2:]) // 4)
+        return FlowMatchingObjective(preset.flow, float(shift))
 
     def extra_conditioning(
         self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,10 +9,9 @@ import torch
 from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
-from lora_cli.training.objectives import FlowMatchingObjective, resolution_shift
 
 if TYPE_CHECKING:
-    from lora_cli.config.schema import Preset
+    pass
 
 
 class Wan(DiffusionTransformer):
@@ -49,15 +47,6 @@ class Wan(DiffusionTransformer):
         channel_mean = torch.tensor(config.latents_mean, device=sample.device).view(view)
         channel_std = torch.tensor(config.latents_std, device=sample.device).view(view)
         return (sample - channel_mean) / channel_std
-
-    def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> FlowMatchingObjective:
-        shift = preset.flow.shift
-        if shift is None:  # the base scheduler's shift
-            config = base.pipeline_extras["scheduler"].config
-            shift = config.get("shift") or config.get("flow_shift") or 3.0
-        elif shift == "auto":
-            shift = resolution_shift(math.prod(latents.shape[2:]) // 4)  # tokens: frames x 1x2x2 patches
-        return FlowMatchingObjective(preset.flow, float(shift))
 
     def predict(
         self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict
