@@ -210,6 +210,12 @@ class TrainSection(Section):
         gt=0,
         description="Min-SNR loss weighting (Hang et al. 2023); 5 is the usual value. null disables.",
     )
+    skip_nonfinite: int = Field(
+        0,
+        ge=0,
+        description="Skip up to this many optimizer steps whose loss or gradients are not finite (isolated bad "
+        "batches) before stopping; 0 stops at the first. The count restarts when a run is resumed.",
+    )
     noise_offset: float = Field(
         0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images)."
     )

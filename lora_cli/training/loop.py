@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 
@@ -58,8 +59,9 @@ def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> to
     return weighted_mse(prediction, noised.target, weights)
 
 
-def optimizer_step(session: TrainingSession) -> dict[str, float]:
-    """Accumulate gradients over micro-batches, check they are finite, clip and step. Returns metrics."""
+def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
+    """Accumulate gradients over micro-batches, check they are finite, clip and step. Returns metrics, or None
+    when the step was skipped for a non-finite loss or gradient."""
     accelerator, train = session.accelerator, session.preset.train
     accumulation = train.gradient_accumulation
     total = 0.0
@@ -69,8 +71,8 @@ def optimizer_step(session: TrainingSession) -> dict[str, float]:
         sync = contextlib.nullcontext() if index == accumulation - 1 else accelerator.no_sync(session.denoiser)
         with sync:
             loss = micro_batch_loss(session, items)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(_diverged(session, "loss", loss.item()))
+            if _on_any_process(accelerator, not torch.isfinite(loss)):  # every process decides alike
+                return _skip_or_stop(session, "loss", loss.item())
             accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
 
@@ -79,15 +81,31 @@ def optimizer_step(session: TrainingSession) -> dict[str, float]:
         grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm))
     else:
         grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-    if not math.isfinite(grad_norm) and not accelerator.scaler:
-        raise TrainingDivergedError(_diverged(session, "gradient norm", grad_norm))
+    if not math.isfinite(grad_norm) and not accelerator.scaler:  # the norm is the same on every process
+        return _skip_or_stop(session, "gradient norm", grad_norm)
     lr = session.scheduler.get_last_lr()[0]
     session.optimizer.step()
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     session.step += 1
     mean_loss = accelerator.reduce(total, reduction="mean").item() if accelerator.num_processes > 1 else total.item()
-    return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "epoch": session.epoch}
+    metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "epoch": session.epoch}
+    return {**metrics, "skipped": session.skipped_steps} if session.skipped_steps else metrics
+
+
+def _on_any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    votes = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(votes, reduction="sum").item() > 0)
+
+
+def _skip_or_stop(session: TrainingSession, what: str, value: float) -> None:
+    """A non-finite loss or gradient: drop this optimizer step while `train.skip_nonfinite` allows, else stop."""
+    if session.skipped_steps >= session.preset.train.skip_nonfinite:
+        raise TrainingDivergedError(_diverged(session, what, value))
+    session.skipped_steps += 1
+    session.optimizer.zero_grad(set_to_none=True)
 
 
 def run_loop(session: TrainingSession, callbacks: list[Callback], stop: StopRequest | None = None) -> None:
@@ -99,6 +117,8 @@ def run_loop(session: TrainingSession, callbacks: list[Callback], stop: StopRequ
     try:
         while session.step < session.total_steps:
             metrics = optimizer_step(session)
+            if metrics is None:
+                continue
             for callback in callbacks:
                 callback.on_step(session, metrics)
             if stop is not None and stop.requested(session.accelerator):
@@ -128,5 +148,6 @@ def _save_and_stop(session: TrainingSession, stop: StopRequest) -> None:
 def _diverged(session: TrainingSession, what: str, value: float) -> str:
     return (
         f"step {session.step + 1}: {what} became {value}; lower train.learning_rate, "
-        "use mixed_precision: no (or bf16), or set train.max_grad_norm — the last checkpoint is kept"
+        "use mixed_precision: no (or bf16), set train.max_grad_norm, or let train.skip_nonfinite skip isolated "
+        "bad batches — the last checkpoint is kept"
     )

@@ -58,6 +58,7 @@ class TrainingSession:
     batches_per_epoch: int
     step: int = 0
     micro_step: int = 0
+    skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss or gradient (train.skip_nonfinite)
 
     def next_batch(self) -> list[BatchSample]:
         """This process's share of the next global micro-batch; advances the data position."""

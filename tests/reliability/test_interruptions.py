@@ -129,3 +129,31 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(write_preset, tmp_
     monkeypatch.setattr(checkpoint, "save_tensors", real_save)  # space was freed
     adapter = train(preset, Console(quiet=True), resume=True, show_progress=False)
     assert adapter is not None and load_file(adapter)
+
+
+def test_isolated_non_finite_batches_are_skipped_when_allowed(write_preset, tmp_path, monkeypatch) -> None:
+    """The third micro-batch's loss is NaN: by default the run stops there with the step and a hint (keeping
+    its checkpoints); with train.skip_nonfinite it drops that step, says so in the metrics and finishes."""
+    from lora_cli.config import load_preset
+    from lora_cli.errors import TrainingDivergedError
+    from lora_cli.training import loop
+    from lora_cli.training.run import train
+
+    real_loss, calls = loop.micro_batch_loss, []
+
+    def loss_with_a_bad_batch(session, samples):
+        calls.append(1)
+        loss = real_loss(session, samples)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "micro_batch_loss", loss_with_a_bad_batch)
+    with pytest.raises(TrainingDivergedError, match="step 3: loss became nan.*train.skip_nonfinite"):
+        train(load_preset(write_preset(output={"save_every": 1})), Console(quiet=True), show_progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000001", "step-000002"]
+
+    calls.clear()
+    preset = load_preset(write_preset(train={"skip_nonfinite": 1}, output={"dir": str(tmp_path / "skipping")}))
+    adapter = train(preset, Console(quiet=True), show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "skipping" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4] and lines[-1]["skipped"] == 1 and "skipped" not in lines[0]
+    assert all(torch.isfinite(t).all() for t in load_file(adapter).values())
