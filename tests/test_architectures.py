@@ -140,3 +140,19 @@ def test_dit_adapter_loads_in_diffusers_and_merges(tiny_dit, dit_adapter: Path, 
     result = merge_adapters(base_folder, [(dit_adapter, 1.0)], merged)
     assert result.merged_layers == len({key.rsplit(".lora_", 1)[0] for key in keys})
     assert np.abs(sample(merged, tmp_path / "m", guidance_scale=7.5) - ours).max() <= 1
+
+
+def test_dit_text_encoder_adapters_cover_the_encoders_the_community_trains(tiny_dit, shapes_data, tmp_path) -> None:
+    from lora_cli.models import ARCHITECTURES
+
+    name, base = tiny_dit
+    raw = {
+        "model": {"path": str(base), "max_text_tokens": 32},
+        "data": {"folder": str(shapes_data), "resolution": 64},
+        "adapter": {"rank": 4, "text_encoder": True},
+        "train": {"steps": 1, "batch_size": 2},
+        "output": {"dir": str(tmp_path), "name": name},
+    }
+    components = {key.split(".")[0] for key in load_file(train_preset(raw, name))}
+    architecture = next(a for a in ARCHITECTURES if a.name == {"sd3": "stable-diffusion-3"}.get(name, name))
+    assert components == {"transformer", *architecture.trained_text_encoders}  # Flux/SD3 leave T5 frozen

@@ -108,7 +108,7 @@ def plan_targets(base: LoadedBase, section: AdapterSection) -> dict[str, list[st
         names = keep_late_blocks(names, architecture.blocks(components[denoiser]), section.late)
     plan = {denoiser: names}
     if section.text_encoder:
-        for name in base.text_encoders:
+        for name in architecture.trained_text_encoders:
             te_patterns = section.text_encoder_targets or list(architecture.default_text_encoder_targets)
             plan[name] = resolve_targets(components[name], te_patterns, f"adapter.text_encoder_targets ({name})")
     return plan

@@ -50,6 +50,7 @@ class Architecture(Protocol):
     denoiser_name: str
     target_presets: dict[str, tuple[str, ...]]
     default_text_encoder_targets: tuple[str, ...]
+    trained_text_encoders: tuple[str, ...]  # those `adapter.text_encoder: true` adapts (Flux: CLIP, not T5)
     kohya_table: KohyaTable
     default_format: str  # the adapter key layout its community tools read: "kohya" or "diffusers"
 

@@ -37,6 +37,7 @@ class Flux(DiffusionTransformer):
         "full": ("*",),
     }
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP only
+    trained_text_encoders = ("text_encoder",)  # CLIP; the community leaves T5 frozen
     # diffusers module names (the default file layout for DiTs is diffusers', which ComfyUI also loads).
     kohya_table = {
         "transformer": KohyaComponent("lora_transformer_"),

@@ -31,6 +31,7 @@ class PixArt(DiffusionTransformer):
         "full": ("*",),
     }
     default_text_encoder_targets = ("q", "k", "v", "o")  # T5 attention
+    trained_text_encoders = ("text_encoder",)
     kohya_table = {"transformer": KohyaComponent("lora_transformer_"), "text_encoder": KohyaComponent("lora_te_")}
 
     def matches(self, pipeline_class: str) -> bool:

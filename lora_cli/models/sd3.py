@@ -32,6 +32,7 @@ class StableDiffusion3(DiffusionTransformer):
         "full": ("*",),
     }
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # the CLIP encoders
+    trained_text_encoders = ("text_encoder", "text_encoder_2")  # the two CLIPs; T5 stays frozen
     kohya_table = {
         "transformer": KohyaComponent("lora_transformer_"),
         "text_encoder": KohyaComponent("lora_te1_text_model_", drop="text_model."),

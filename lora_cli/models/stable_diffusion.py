@@ -28,6 +28,7 @@ class StableDiffusion:
     }
     # kohya's default text-encoder targets: attention and MLP projections.
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    trained_text_encoders = ("text_encoder",)
     kohya_table = {
         "unet": KohyaComponent("lora_unet_"),
         "text_encoder": KohyaComponent("lora_te_text_model_", drop="text_model."),

@@ -19,6 +19,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "stable-diffusion-xl"
     pipeline_class = "StableDiffusionXLPipeline"
     text_encoder_classes = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    trained_text_encoders = ("text_encoder", "text_encoder_2")
     # kohya's SDXL names: lora_te1_ (CLIP ViT-L) and lora_te2_ (OpenCLIP ViT-bigG).
     kohya_table = {
         "unet": KohyaComponent("lora_unet_"),

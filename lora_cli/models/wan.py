@@ -26,6 +26,7 @@ class Wan(DiffusionTransformer):
         "full": ("*",),
     }
     default_text_encoder_targets = ("q", "k", "v", "o")
+    trained_text_encoders = ("text_encoder",)
     kohya_table = {"transformer": KohyaComponent("lora_transformer_"), "text_encoder": KohyaComponent("lora_te_")}
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
