@@ -4,7 +4,9 @@ Each case trains a few steps with `lora-train` in a fresh subprocess (OMP_NUM_TH
 child's `ru_maxrss` from `os.wait4`; the estimate is the planner's peak RAM for device "cpu" on the same
 preset. Models: the tiny toy pipeline, the shipped `builtin:shapes` base, a mid-size SD1.5-layout pipeline
 (UNet channels 160/320/640/640, CLIP-L-width text encoder, SD VAE; about 1.4 GB), also as one single-file
-checkpoint, and, with `--full-size`, random weights in SD1.5's shapes (about 4 GB).
+checkpoint, a mid-size Flux-layout DiT (512 wide, 2 double and 4 single blocks, 256-wide T5; about 170 MB), a
+mid-size Wan-layout video DiT (512 wide, 4 blocks, Wan 2.1's VAE layout at width 32) on 9-frame clips, and,
+with `--full-size`, random weights in SD1.5's shapes (about 4 GB).
 
 Run: `python benchmarks/plan_accuracy.py [--full-size] [--models DIR] [--json numbers.json]`
 (about 8 minutes; 15 more with --full-size).
@@ -31,7 +33,7 @@ IMAGES = 6
 @dataclass(frozen=True)
 class Case:
     label: str
-    model: str  # tiny | shapes | mid | mid-single | sd15
+    model: str  # tiny | shapes | mid | mid-single | mid-flux | mid-wan | sd15
     resolution: int
     sections: dict
     config_from: str | None = None  # for a single file: the model folder that holds the component configs
@@ -72,6 +74,15 @@ CASES = [
         256,
         {"adapter": {"rank": 64}, "train": {"batch_size": 4}, "cache": {"latents": True, "text_embeddings": True}},
     ),
+    Case("mid Flux, 256 px, batch 2, 64 T5 tokens", "mid-flux", 256, {"model": {"max_text_tokens": 64}}),
+    Case("mid Flux, 512 px, batch 1, 512 T5 tokens", "mid-flux", 512, {"train": {"batch_size": 1}}),
+    Case(
+        "mid Flux, 512 px, batch 1, checkpointing",
+        "mid-flux",
+        512,
+        {"train": {"batch_size": 1, "gradient_checkpointing": True}},
+    ),
+    Case("mid Wan, 256 px, 9 frames, batch 1", "mid-wan", 256, {"data": {"frames": 9}, "train": {"batch_size": 1}}),
 ]
 FULL_SIZE_CASES = [
     Case("SD1.5 shapes, 512 px, batch 1", "sd15", 512, {"train": {"batch_size": 1}}),
@@ -108,10 +119,73 @@ def build_mid_sd(folder: Path) -> Path:
     return save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
 
 
+def build_mid_flux(folder: Path) -> Path:
+    """A Flux-layout pipeline 512 wide (8 heads of 64), 2 double and 4 single blocks, CLIP and T5 encoders."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer
+
+    from lora_cli.toy.tiny_dits import t5_encoder, t5_tokenizer
+    from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, clip_text_encoder, eight_x_vae, write_clip_tokenizer
+
+    write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
+    clip_tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer"), t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
+        num_attention_heads=8, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    )  # fmt: skip
+    vae = eight_x_vae((32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=256)
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_text_encoder(clip_tokenizer, hidden_size=64, layers=2, heads=2, max_length=77),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5_encoder(len(tokenizer_2), width=256, layers=2, heads=4),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_mid_wan(folder: Path) -> Path:
+    """A Wan-layout text-to-video pipeline 512 wide (8 heads of 64), 4 blocks, UMT5 text, and a causal video VAE in
+    Wan 2.1's layout (two ResNets per level, widths 32/64/128/128)."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from lora_cli.toy.tiny_dits import t5_tokenizer
+
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=256, d_ff=512, d_kv=64, num_layers=2, num_heads=4)
+    )
+    vae = AutoencoderKLWan(
+        base_dim=32, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=4,
+        text_dim=256, freq_dim=256, ffn_dim=2048, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def build_models(root: Path, full_size: bool) -> dict[str, str]:
     from lora_cli.toy.tiny_pipeline import build_sd15_shaped, build_tiny_sd
 
-    builders = {"tiny": build_tiny_sd, "mid": build_mid_sd}
+    builders = {"tiny": build_tiny_sd, "mid": build_mid_sd, "mid-flux": build_mid_flux, "mid-wan": build_mid_wan}
     if full_size:
         builders["sd15"] = build_sd15_shaped
     paths = {"shapes": "builtin:shapes"}
@@ -167,11 +241,15 @@ def measure_mib(preset: dict, folder: Path) -> float:
 
 def run_cases(cases: list[Case], models: dict[str, str], root: Path) -> list[Row]:
     from lora_cli.toy.shapes import write_dataset
+    from lora_cli.toy.tiny_dits import write_clips
 
     rows = []
     for index, case in enumerate(cases):
-        data = root / f"data-{case.resolution}"
-        if not data.is_dir():
+        frames = case.sections.get("data", {}).get("frames")
+        data = root / (f"clips-{case.resolution}-{frames}" if frames else f"data-{case.resolution}")
+        if frames and not data.is_dir():
+            write_clips(data, IMAGES, frames, size=case.resolution)
+        elif not data.is_dir():
             write_dataset(
                 data, [("yellow", "star"), ("red", "circle")], per_pair=IMAGES // 2, size=case.resolution, seed=0
             )

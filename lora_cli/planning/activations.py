@@ -23,8 +23,9 @@ With gradient checkpointing (diffusers' granularity: each ResNet and each transf
 of checkpointed blocks and what the ops outside them keep stay; backward recomputes one block at a time,
 so the largest block's own set is live on top.
 
-An architecture supplies these counts as one `ActivationModel` in `ACTIVATION_MODELS`, under its
-`Architecture.name`.
+An architecture supplies these counts as one `ActivationModel` under its `Architecture.name`: the UNets here
+(`UNET_MODELS`), the diffusion transformers in `transformer_activations.py`; `estimate.ACTIVATION_MODELS`
+holds them all.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -60,8 +61,9 @@ class DenoiserQuery:
     rank: int
     algorithm: str  # lora | locon | loha | lokr
     dora: bool
-    latent_tokens: int  # tokens at the first block: (resolution / latent factor)^2
+    latent_tokens: int  # tokens at the first block: (resolution / latent factor)^2 (x latent frames for video)
     text_tokens: int
+    vectors: Shapes = field(default_factory=dict)  # the other weights (norm scales): tell optional norms apart
 
 
 @dataclass
@@ -239,22 +241,26 @@ def unet_blocks(layers: Shapes) -> list[str]:
     return [*_indexed(layers, "down_blocks"), "mid_block", *_indexed(layers, "up_blocks")]
 
 
-def vae_encode_elements(layers: Shapes, pixels: int) -> float:
-    """Elements live while an 8x VAE encodes one image without gradients: five full-resolution feature maps
-    of the first block's width (measured: 640 MiB for a 512 px image through SD's VAE in float32)."""
-    return 5 * layers["encoder.conv_in"][0] * pixels
+def vae_encode_elements(layers: Shapes, pixels: int, frames: int = 1) -> float:
+    """Elements live while an 8x VAE encodes one image (`pixels` per frame; images have one) without
+    gradients: five full-resolution feature maps of the first block's width (measured: 640 MiB for a 512 px
+    image through SD's VAE in float32)."""
+    return 5 * layers["encoder.conv_in"][0] * pixels * frames
 
 
 @dataclass(frozen=True)
 class ActivationModel:
-    """What the planner knows of one architecture: activation counts, block order, pixels per latent side."""
+    """What the planner knows of one architecture: activation counts, block order, pixels per token side,
+    frames per latent frame (video), and CLIP tokens placed before T5's in the denoiser's text context."""
 
     denoiser: Callable[[DenoiserQuery], Activations]
     text_encoder: Callable[[Shapes, frozenset[str], int, int], float]
-    vae_encode: Callable[[Shapes, int], float]
+    vae_encode: Callable[[Shapes, int, int], float]  # VAE weight shapes (any rank), pixels per frame, frames
     blocks: Callable[[Shapes], list[str]]
     latent_factor: int = 8
+    temporal_factor: int = 0  # video: latent frames = (frames - 1) // temporal_factor + 1; 0 for images
+    clip_tokens: int = 0
 
 
 UNET_MODEL = ActivationModel(unet_activations, clip_text_activations, vae_encode_elements, unet_blocks)
-ACTIVATION_MODELS: dict[str, ActivationModel] = {"stable-diffusion": UNET_MODEL, "stable-diffusion-xl": UNET_MODEL}
+UNET_MODELS: dict[str, ActivationModel] = {"stable-diffusion": UNET_MODEL, "stable-diffusion-xl": UNET_MODEL}

@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING
 
 from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import ModelLoadError
-from lora_cli.planning.activations import ACTIVATION_MODELS, ActivationModel, Activations, DenoiserQuery
+from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
 from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory
+from lora_cli.planning.transformer_activations import DIT_MODELS
 from lora_cli.training.encoders import CACHE_BATCH
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
     from lora_cli.models.base import Architecture
 
+ACTIVATION_MODELS: dict[str, ActivationModel] = {**UNET_MODELS, **DIT_MODELS}  # by `Architecture.name`
 DEVICES = ("cuda", "cpu")
 QUANTIZE_MODES = ("none", "int8", "nf4")
 GiB, MiB = 2**30, 2**20
@@ -63,6 +65,8 @@ class PlanSettings:
     keep_encoders: bool = False  # previews need the VAE and text encoder after caching
     text_cache_allowed: bool = True  # not with a text-encoder adapter or tag shuffling
     images: int | None = None  # training images, when known: caching encodes up to CACHE_BATCH at once
+    frames: int | None = None  # video clips of this many frames (`data.frames`), else images
+    text_tokens: int | None = None  # `model.max_text_tokens`: a DiT's T5 token limit, else its default
 
     @classmethod
     def from_preset(cls, preset: Preset, images: int | None = None) -> PlanSettings:
@@ -82,6 +86,8 @@ class PlanSettings:
             keep_encoders=bool(preset.sample.prompts),
             text_cache_allowed=not (preset.adapter.text_encoder or preset.data.shuffle_tags),
             images=images,
+            frames=preset.data.frames,
+            text_tokens=preset.model.max_text_tokens,
         )
 
 
@@ -156,6 +162,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     section = settings.adapter
     denoiser = architecture.denoiser_name
     layers = adaptable_layers(inventory.layer_shapes(denoiser))
+    vectors = {w.name: w.shape for w in inventory.components[denoiser] if w.name.removesuffix(".weight") not in layers}
     targets = select_targets(layers, section, architecture.target_presets, model.blocks(layers), denoiser)
     sizes = [size for name in targets for size in adapter_tensor_sizes(section, layers[name])]
     adapted = len(targets)
@@ -165,8 +172,9 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
         rank=section.rank,
         algorithm=section.type,
         dora=section.dora,
-        latent_tokens=(settings.resolution // model.latent_factor) ** 2,
-        text_tokens=_text_tokens(inventory, architecture),
+        latent_tokens=(settings.resolution // model.latent_factor) ** 2 * _latent_frames(settings, model),
+        text_tokens=_text_tokens(inventory, architecture, settings, model),
+        vectors=vectors,
     )
     text_activations = 0.0
     if section.text_encoder:
@@ -176,7 +184,8 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
             te_targets = match_targets(te_layers, patterns, f"adapter.text_encoder_targets ({component})")
             sizes += [size for name in te_targets for size in adapter_tensor_sizes(section, te_layers[name])]
             adapted += len(te_targets)
-            text_activations += model.text_encoder(te_layers, frozenset(te_targets), section.rank, query.text_tokens)
+            tokens = _encoder_tokens(inventory, component, architecture, settings)
+            text_activations += model.text_encoder(te_layers, frozenset(te_targets), section.rank, tokens)
     notes = ("previews (inference and VAE decoding at sample time) are not counted",) if settings.keep_encoders else ()
     return _Facts(architecture, model, tuple(sizes), adapted, model.denoiser(query), text_activations, notes)
 
@@ -232,7 +241,8 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     ]
     activations = _activation_bytes(settings, facts, device)
     mode = "gradient checkpointing" if settings.gradient_checkpointing else "no checkpointing"
-    activation = Part(f"activations (batch {settings.batch_size}, {settings.resolution} px, {mode})", activations)
+    clip = f", {settings.frames} frames" if settings.frames else ""
+    activation = Part(f"activations (batch {settings.batch_size}, {settings.resolution} px{clip}, {mode})", activations)
     if settings.cache_latents:
         return (*parts, activation)
     elements = _vae_elements(inventory, settings, facts) * settings.batch_size
@@ -308,10 +318,11 @@ def _optimizer_bytes(optimizer: str, sizes: tuple[int, ...]) -> int:
 
 
 def _vae_elements(inventory: BaseInventory, settings: PlanSettings, facts: _Facts) -> float:
-    """Elements live while the VAE encodes one image at the training resolution."""
+    """Elements live while the VAE encodes one image (or clip) at the training resolution."""
     if "vae" not in inventory.components:
         return 0.0
-    return facts.model.vae_encode(inventory.layer_shapes("vae"), settings.resolution**2)
+    shapes = {w.name.removesuffix(".weight"): w.shape for w in inventory.components["vae"]}
+    return facts.model.vae_encode(shapes, settings.resolution**2, settings.frames or 1)
 
 
 def _activation_dtype_bytes(settings: PlanSettings) -> float:
@@ -336,13 +347,42 @@ def _runtime(device: str) -> Part:
     return Part("runtime (Python, torch, libraries)", CPU_RUNTIME)
 
 
-def _text_tokens(inventory: BaseInventory, architecture: Architecture) -> int:
-    """Tokens per caption: the first text encoder's position-embedding rows."""
+def _latent_frames(settings: PlanSettings, model: ActivationModel) -> int:
+    """Latent frames of a clip: a causal video VAE keeps the first frame and compresses the rest."""
+    if not (settings.frames and model.temporal_factor):
+        return 1
+    return (settings.frames - 1) // model.temporal_factor + 1
+
+
+def _text_tokens(
+    inventory: BaseInventory, architecture: Architecture, settings: PlanSettings, model: ActivationModel
+) -> int:
+    """Text tokens the denoiser attends to: a DiT's T5 limit (`model.max_text_tokens`, else the
+    architecture's default; after SD3's 77 CLIP tokens), else the first CLIP encoder's position rows."""
+    default = getattr(architecture, "default_text_tokens", None)
+    if default is not None:
+        return model.clip_tokens + (settings.text_tokens or default)
     for component in _text_encoders(inventory, architecture):
-        for weight in inventory.components[component]:
-            if weight.name.endswith("position_embedding.weight"):
-                return weight.shape[0]
+        if (rows := _position_rows(inventory, component)) is not None:
+            return rows
     return 77
+
+
+def _encoder_tokens(
+    inventory: BaseInventory, component: str, architecture: Architecture, settings: PlanSettings
+) -> int:
+    """Tokens one text encoder sees: a CLIP encoder its position rows, a T5 encoder the DiT's token limit."""
+    rows = _position_rows(inventory, component)
+    if rows is not None:
+        return rows
+    return settings.text_tokens or getattr(architecture, "default_text_tokens", 77)
+
+
+def _position_rows(inventory: BaseInventory, component: str) -> int | None:
+    for weight in inventory.components[component]:
+        if weight.name.endswith("position_embedding.weight"):
+            return weight.shape[0]
+    return None
 
 
 def _text_encoders(inventory: BaseInventory, architecture: Architecture) -> list[str]:

@@ -35,7 +35,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"Memory plan for training on {where}: estimates from the preset and the weights' headers",
         f"adapter: {adapter.type} rank {adapter.rank} on {plan.adapted_layers} layers, "
         f"{plan.adapter_parameters:,} parameters; batch {settings.batch_size}, {settings.resolution} px, "
-        f"model.dtype {settings.dtype}, quantize {settings.quantize}",
+        + (f"{settings.frames} frames, " if settings.frames else "")
+        + f"model.dtype {settings.dtype}, quantize {settings.quantize}",
     ]
     if plan.device == "cuda":
         lines += _section("GPU memory", plan.peak_device_bytes, plan.device_phase, plan.device_parts)
