@@ -76,6 +76,7 @@ def train(
     if session.accelerator.is_main_process:
         _write_adapter(session)
         console.print(f"adapter written to {paths.adapter}", highlight=False)
+    session.accelerator.end_training()  # several processes: leave the process group before exiting
     return paths.adapter
 
 
