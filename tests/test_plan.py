@@ -94,6 +94,24 @@ def test_adapter_parameters_match_real_injection(shapes, adapter: dict) -> None:
     assert plan.adapted_layers == sum(len(names) for names in injected.targets.values())
 
 
+def saved_bytes(model, forward) -> int:
+    """Bytes autograd keeps for backward while `forward()` runs (the model's own weights not counted)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize("targets", ["attention", "full"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_count_matches_what_autograd_saves(targets: str, checkpointing: bool) -> None:
@@ -112,18 +130,8 @@ def test_activation_count_matches_what_autograd_saves(targets: str, checkpointin
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     latents, context = torch.randn(1, 4, 32, 32), torch.randn(1, 16, unet.config.cross_attention_dim)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        unet(latents, torch.tensor([500]), encoder_hidden_states=context)
+    saved = saved_bytes(unet, lambda: unet(latents, torch.tensor([500]), encoder_hidden_states=context))
 
     inventory = read_inventory(ModelSection(path="builtin:shapes"))
     layers = adaptable_layers(inventory.layer_shapes("unet"))
@@ -132,7 +140,7 @@ def test_activation_count_matches_what_autograd_saves(targets: str, checkpointin
     query = DenoiserQuery(layers, frozenset(names), 4, "lora", False, 32 * 32, 16)
     counted = unet_activations(query)
     elements = counted.checkpointed if checkpointing else counted.saved
-    assert 4 * elements == pytest.approx(sum(saved.values()), rel=0.1)
+    assert 4 * elements == pytest.approx(saved, rel=0.1)
 
 
 DITS = ("flux", "sd3", "pixart", "wan")
@@ -196,18 +204,8 @@ def test_dit_activation_count_matches_what_autograd_saves(tiny_dits, dit: str, t
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     text_tokens, shape = 16, (1, 4, 3, 16, 16) if dit == "wan" else (1, 4, 32, 32)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _dit_forward(base, torch.randn(shape), text_tokens)
+    saved = saved_bytes(model, lambda: _dit_forward(base, torch.randn(shape), text_tokens))
 
     inventory = read_inventory(spec)
     layers = adaptable_layers(inventory.layer_shapes("transformer"))
@@ -219,7 +217,7 @@ def test_dit_activation_count_matches_what_autograd_saves(tiny_dits, dit: str, t
     query = DenoiserQuery(layers, frozenset(names), 4, "lora", False, image_tokens, text_tokens, vectors)
     counted = DIT_MODELS[base.architecture.name].denoiser(query)
     elements = counted.checkpointed if checkpointing else counted.saved
-    assert 4 * elements == pytest.approx(sum(saved.values()), rel=0.15)
+    assert 4 * elements == pytest.approx(saved, rel=0.15)
 
 
 @pytest.mark.parametrize("dit", ["pixart", "wan"])
@@ -238,22 +236,12 @@ def test_t5_count_matches_what_autograd_saves(tiny_dits, dit: str) -> None:
     injected = inject_adapter(base, AdapterSection(text_encoder=True), seed=0)
     encoder = base.text_encoders["text_encoder"]
     encoder.train()
-    params = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        encoder(torch.randint(0, 20, (1, 64)))
+    saved = saved_bytes(encoder, lambda: encoder(torch.randint(0, 20, (1, 64))))
     layers = adaptable_layers(read_inventory(spec).layer_shapes("text_encoder"))
     names = match_targets(layers, base.architecture.default_text_encoder_targets, "text_encoder")
     assert set(names) == set(injected.targets["text_encoder"])
     counted = text_encoder_activations(layers, frozenset(names), 4, 64)
-    assert 4 * counted == pytest.approx(sum(saved.values()), rel=0.15)
+    assert 4 * counted == pytest.approx(saved, rel=0.15)
 
 
 @pytest.mark.parametrize("dit", DITS)
