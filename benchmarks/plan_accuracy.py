@@ -121,34 +121,9 @@ def build_mid_sd(folder: Path) -> Path:
 
 def build_mid_flux(folder: Path) -> Path:
     """A Flux-layout pipeline 512 wide (8 heads of 64), 2 double and 4 single blocks, CLIP and T5 encoders."""
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTokenizer
+    from lora_cli.toy.tiny_dits import build_tiny_flux
 
-    from lora_cli.toy.tiny_dits import t5_encoder, t5_tokenizer
-    from lora_cli.toy.tiny_pipeline import VOCAB_WORDS, clip_text_encoder, eight_x_vae, write_clip_tokenizer
-
-    write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
-    clip_tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer"), t5_tokenizer()
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
-        num_attention_heads=8, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24),
-    )  # fmt: skip
-    vae = eight_x_vae((32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=256)
-    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=clip_text_encoder(clip_tokenizer, hidden_size=64, layers=2, heads=2, max_length=77),
-        tokenizer=clip_tokenizer,
-        text_encoder_2=t5_encoder(len(tokenizer_2), width=256, layers=2, heads=4),
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(folder)
-    return folder
+    return build_tiny_flux(folder, heads=8, head_dim=64, blocks=(2, 4), text_widths=(64, 256), vae_width=32)
 
 
 def build_mid_wan(folder: Path) -> Path:

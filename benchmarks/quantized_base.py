@@ -22,21 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def build(folder: Path) -> Path:
-    import torch
-    from diffusers import FluxTransformer2DModel
-
     from lora_cli.toy.tiny_dits import build_tiny_flux
 
-    build_tiny_flux(folder, seed=0)
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=64,
-        num_attention_heads=16, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24),
-    )  # fmt: skip
-    shutil.rmtree(folder / "transformer")
-    transformer.save_pretrained(folder / "transformer")
-    return folder
+    return build_tiny_flux(folder, heads=16, head_dim=64, blocks=(4, 8))
 
 
 def measure(base: Path, data: Path, quantize: str, steps: int, work: Path) -> dict[str, float]:

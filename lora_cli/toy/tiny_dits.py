@@ -28,11 +28,20 @@ def t5_encoder(vocab_size: int, width: int, layers: int, heads: int):
     return T5EncoderModel(config)
 
 
-def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True, heads: int = 2) -> Path:
-    """A tiny Flux-shaped pipeline: CLIP (pooled) + T5 text encoders, a FluxTransformer2DModel with one
-    double-stream and one single-stream block (and a guidance embedding, as in Flux dev), and a VAE with a
-    latent shift, as Flux's has. Each head is 16 wide; 4 heads give 64-wide layers that 4-bit quantization
-    takes (its blocks are 64 values)."""
+def build_tiny_flux(
+    folder: str | Path,
+    seed: int = 0,
+    guidance_embeds: bool = True,
+    heads: int = 2,
+    head_dim: int = 16,
+    blocks: tuple[int, int] = (1, 1),
+    text_widths: tuple[int, int] = (32, 32),
+    vae_width: int = 16,
+) -> Path:
+    """A small Flux-shaped pipeline: CLIP (pooled) + T5 text encoders of `text_widths`, a FluxTransformer2DModel
+    with `blocks` (double-stream, single-stream) blocks of `heads` x `head_dim` (and a guidance embedding, as in
+    Flux dev), and a VAE with a latent shift, as Flux's has. The defaults are tiny; 4 heads of 16 give 64-wide
+    layers that 4-bit quantization takes (its blocks are 64 values), and benchmarks ask for larger sizes."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer
@@ -41,20 +50,22 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = T
     write_clip_tokenizer(folder / "tokenizer", VOCAB_WORDS, 77)
     clip_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer_2 = t5_tokenizer()
+    clip_width, t5_width = text_widths
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels packed 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
+        num_layers=blocks[0],
+        num_single_layers=blocks[1],
+        attention_head_dim=head_dim,
         num_attention_heads=heads,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
     )
-    vae = eight_x_vae((16, 32, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=64)
+    channels = (vae_width, *[2 * vae_width] * 3)
+    vae = eight_x_vae(channels, layers_per_block=1, norm_num_groups=min(vae_width, 32), sample_size=64)
     vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -63,9 +74,9 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = T
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,
-        text_encoder=clip_text_encoder(clip_tokenizer, hidden_size=32, layers=2, heads=2, max_length=77),
+        text_encoder=clip_text_encoder(clip_tokenizer, hidden_size=clip_width, layers=2, heads=2, max_length=77),
         tokenizer=clip_tokenizer,
-        text_encoder_2=t5_encoder(len(tokenizer_2), width=32, layers=2, heads=2),
+        text_encoder_2=t5_encoder(len(tokenizer_2), width=t5_width, layers=2, heads=max(2, t5_width // 64)),
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
