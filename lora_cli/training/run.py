@@ -76,7 +76,9 @@ def train(
     if session.accelerator.is_main_process:
         _write_adapter(session)
         console.print(f"adapter written to {paths.adapter}", highlight=False)
-    session.accelerator.end_training()  # several processes: leave the process group before exiting
+    # Several processes: leave the process group together (one leaving while another still writes can hang it).
+    session.accelerator.wait_for_everyone()
+    session.accelerator.end_training()
     return paths.adapter
 
 
