@@ -28,6 +28,13 @@ def test_scientific_notation_is_a_float_and_alpha_defaults_to_rank(tmp_path: Pat
     assert preset.train.learning_rate == pytest.approx(3e-5)
 
 
+def test_unquoted_no_is_the_mixed_precision_option_not_false(tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` as false; kohya users write `mixed_precision: no`."""
+    preset = load_preset(write(tmp_path, MINIMAL.replace("steps: 10", "steps: 10, mixed_precision: no")))
+    assert preset.train.mixed_precision == "no"
+    assert load_preset(write(tmp_path, MINIMAL), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_paths_resolve_against_the_preset_folder(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     preset = load_preset(write(tmp_path, MINIMAL))

@@ -13,6 +13,7 @@ from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import AdapterError
 from lora_cli.io.keys import AdapterTensors
 from lora_cli.models.base import LoadedBase
+from lora_cli.sharded_tensors import shard_like
 
 
 @dataclass
@@ -48,7 +49,7 @@ class InjectedAdapter:
 
     def load_tensors(self, tensors: AdapterTensors, source: str) -> None:
         """Put weights from a file or checkpoint into the injected layers, exactly (reshaped to each layer)."""
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         expected = {(c, m) for c, names in self.targets.items() for m in names}
         unknown = sorted(set(tensors) - expected)
@@ -61,7 +62,7 @@ class InjectedAdapter:
             )
         peft_names = {file: peft for peft, file in self.algorithm.tensor_names.items()}
         for component, model in self.components.items():
-            own = _peft_state_shapes(model, self.name)
+            own = get_peft_model_state_dict(model, adapter_name=self.name)
             state = {}
             for (comp, module), named in tensors.items():
                 if comp != component:
@@ -72,11 +73,11 @@ class InjectedAdapter:
                     key = f"{module}.{peft_names[name]}"
                     if key not in own or own[key].numel() != value.numel():
                         got = tuple(value.shape)
-                        needs = tuple(own[key]) if key in own else None
+                        needs = tuple(own[key].shape) if key in own else None
                         raise AdapterError(
                             f"{source}: layer {module} does not fit this base ({name} is {got}, layer needs {needs})"
                         )
-                    state[key] = value.reshape(own[key])
+                    state[key] = shard_like(value.reshape(own[key].shape), own[key])
             result = set_peft_model_state_dict(model, state, adapter_name=self.name)
             if result.unexpected_keys:
                 raise AdapterError(f"{source}: tensors that fit no layer, e.g. {result.unexpected_keys[0]}")
@@ -152,12 +153,6 @@ def inject_spec(
     if any(p.requires_grad for p in base_parameters):
         raise RuntimeError("adapter injection left base weights trainable")  # a bug, never user input
     return adapter
-
-
-def _peft_state_shapes(model: nn.Module, name: str) -> dict[str, torch.Size]:
-    from peft import get_peft_model_state_dict
-
-    return {key: value.shape for key, value in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
 def _is_adapter_parameter(name: str) -> bool:

@@ -72,11 +72,12 @@ def train(
             ram=parse_size(ram, "--ram") if ram is not None else None,
         )
         return
+    from lora_cli.training.distributed import launch_rank
     from lora_cli.training.run import train as run_training
 
     run_training(
         loaded,
-        Console(stderr=True),
+        Console(stderr=True, quiet=launch_rank() != 0),  # one process reports (errors are printed by each)
         resume=resume,
         resume_from=resume_from,
         overwrite=overwrite,

@@ -220,6 +220,12 @@ class TrainSection(Section):
         0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images)."
     )
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _plain_no(cls, value: object) -> object:
+        """YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the option "no"."""
+        return "no" if value is False else value
+
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
         if (self.steps is None) == (self.epochs is None):
@@ -264,6 +270,23 @@ class FlowSection(Section):
         if isinstance(value, float) and value <= 0:
             raise ValueError("flow.shift must be positive (or `auto`)")
         return value
+
+
+class DistributedSection(Section):
+    """How several processes (`accelerate launch`, `torchrun`) share the work; ignored on one process."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="`ddp`: every process holds the whole base and gradients are averaged. `fsdp`: the denoiser's "
+        "frozen weights, adapter, gradients and optimizer state are sharded across the processes (torch FSDP2, "
+        "one unit per block), for bases that do not fit one GPU; not with `model.quantize`, fp16 or `adamw8bit`. "
+        "An accelerate config with FSDP selects it too.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="FSDP: free each block's gathered weights after its forward pass and gather them again for "
+        "backward (least memory, like ZeRO-3); `false` keeps them until backward (fewer transfers, more memory).",
+    )
 
 
 class CacheSection(Section):
@@ -311,6 +334,7 @@ class Preset(Section):
     prior: PriorSection = PriorSection()
     train: TrainSection
     flow: FlowSection = FlowSection()
+    distributed: DistributedSection = DistributedSection()
     cache: CacheSection = CacheSection()
     output: OutputSection = OutputSection()
     sample: SampleSection = SampleSection()

@@ -123,7 +123,7 @@ class Previews:
         if not completed:
             return
         after = self._draw(session)
-        if self.before is not None:
+        if self.before is not None and session.accelerator.is_main_process:
             from lora_cli.sampling import image_grid
 
             rows = [[b, a] for b, a in zip(self.before, after, strict=True)]
@@ -152,9 +152,10 @@ class Previews:
             )
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)
-        grid = image_grid([[image] for image in images], sample.prompts, [f"step {session.step}"])
-        out = session.paths.samples / f"step-{session.step:06d}.png"
-        write_with(out, lambda tmp: grid.save(tmp, format="PNG"))
+        if session.accelerator.is_main_process:
+            grid = image_grid([[image] for image in images], sample.prompts, [f"step {session.step}"])
+            out = session.paths.samples / f"step-{session.step:06d}.png"
+            write_with(out, lambda tmp: grid.save(tmp, format="PNG"))
         return images
 
 
@@ -174,15 +175,18 @@ class Checkpoints:
 
 
 def default_callbacks(session: TrainingSession, show_progress: bool) -> list[Callback]:
-    """The callbacks a preset asks for; only the main process writes files or draws."""
-    if not session.accelerator.is_main_process:
-        return []
+    """The callbacks a preset asks for. Only the main process writes files; every process takes part in
+    checkpoints (sharded state is gathered from all) and, with a sharded denoiser, in drawing previews."""
     preset = session.preset
-    callbacks: list[Callback] = [MetricsLog(session.paths.metrics, preset.logging.every), Checkpoints()]
-    if preset.logging.tensorboard:
+    main = session.accelerator.is_main_process
+    callbacks: list[Callback] = [MetricsLog(session.paths.metrics, preset.logging.every)] if main else []
+    callbacks.append(Checkpoints())
+    if main and preset.logging.tensorboard:
         callbacks.append(TensorBoardLog(session.paths.tensorboard))
-    if preset.sample.prompts:
+    if preset.sample.prompts and (main or session.sharded):
         callbacks.append(Previews())
+    if not main:
+        return callbacks
     if show_progress:
         callbacks.append(ProgressDisplay())
     return callbacks

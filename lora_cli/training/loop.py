@@ -11,9 +11,11 @@ import torch
 from lora_cli.errors import TrainingDivergedError, TrainingInterrupted
 from lora_cli.training.callbacks import Callback
 from lora_cli.training.data import prepare_caption
+from lora_cli.training.distributed import average_text_encoder_gradients
 from lora_cli.training.interrupt import StopRequest
 from lora_cli.training.losses import sample_noise, weighted_mse
 from lora_cli.training.session import BatchSample, TrainingSession
+from lora_cli.training.sharding import gradient_sync_paused
 
 
 def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> torch.Tensor:
@@ -67,8 +69,9 @@ def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
     total = 0.0
     for index in range(accumulation):
         items = session.next_batch()
-        # Gradients are only all-reduced on the last micro-batch (DDP); earlier ones accumulate locally.
-        sync = contextlib.nullcontext() if index == accumulation - 1 else accelerator.no_sync(session.denoiser)
+        # Gradients are only averaged on the last micro-batch (DDP, FSDP); earlier ones accumulate locally.
+        last = index == accumulation - 1
+        sync = contextlib.nullcontext() if last else gradient_sync_paused(accelerator, session.denoiser)
         with sync:
             loss = micro_batch_loss(session, items)
             if _on_any_process(accelerator, not torch.isfinite(loss)):  # every process decides alike
@@ -76,11 +79,10 @@ def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
             accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
 
+    average_text_encoder_gradients(session)
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
-    if train.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm))
-    else:
-        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    # Without a limit, "clipping" to infinity only measures the norm (sharded gradients included).
+    grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf))
     if not math.isfinite(grad_norm) and not accelerator.scaler:  # the norm is the same on every process
         return _skip_or_stop(session, "gradient norm", grad_norm)
     lr = session.scheduler.get_last_lr()[0]
@@ -133,13 +135,12 @@ def _save_and_stop(session: TrainingSession, stop: StopRequest) -> None:
     from lora_cli.training.checkpoint import checkpoint_dir
     from lora_cli.training.resume import write_checkpoint
 
-    folder = None
-    if session.accelerator.is_main_process:
-        folder = checkpoint_dir(session.paths.checkpoints, session.step)
-        if not folder.is_dir():  # unless this step's checkpoint was just written
-            folder = write_checkpoint(session)
+    every = session.preset.output.save_every
+    folder = checkpoint_dir(session.paths.checkpoints, session.step)
+    if not (every and session.step % every == 0):  # unless this step's checkpoint was just written
+        folder = write_checkpoint(session)  # on every process; the main one writes
     session.accelerator.wait_for_everyone()
-    where = f"checkpoint saved to {folder}" if folder else "checkpoint saved by the main process"
+    where = f"checkpoint saved to {folder}" if session.accelerator.is_main_process else "checkpoint saved"
     raise TrainingInterrupted(
         f"{stop.signal_name or 'stop requested'} at step {session.step}: {where}; continue with --resume"
     )

@@ -8,6 +8,7 @@ import torch
 
 from lora_cli.errors import CheckpointError
 from lora_cli.io.keys import from_kohya, kohya_module_index, to_kohya
+from lora_cli.sharded_tensors import gather_state
 from lora_cli.training.checkpoint import (
     TrainingState,
     checkpoint_dir,
@@ -17,6 +18,7 @@ from lora_cli.training.checkpoint import (
     save_checkpoint,
 )
 from lora_cli.training.session import TrainingSession
+from lora_cli.training.sharding import shard_optimizer_state
 
 # Preset sections that must be identical to resume; the rest (logging, output, samples) may change, and so
 # may train.steps/epochs (to train longer).
@@ -24,12 +26,18 @@ FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "flow", "cache"
 MAY_CHANGE = {("train", "steps"), ("train", "epochs"), ("model", "allow_pickle")}
 
 
-def write_checkpoint(session: TrainingSession) -> Path:
+def write_checkpoint(session: TrainingSession) -> Path | None:
+    """Every process calls this (sharded weights and optimizer state are gathered from all of them); the main
+    process writes the checkpoint and returns its folder, the others return None."""
+    adapter = gather_state(session.adapter.tensors())
+    optimizer = gather_state(session.optimizer.state_dict())
+    if not session.accelerator.is_main_process:
+        return None
     table = session.base.architecture.kohya_table
     state = TrainingState(
         step=session.step,
         micro_step=session.micro_step,
-        optimizer=session.optimizer.state_dict(),
+        optimizer=optimizer,
         scheduler=session.scheduler.state_dict(),
         torch_rng=torch.get_rng_state(),
         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -39,7 +47,7 @@ def write_checkpoint(session: TrainingSession) -> Path:
     )
     folder = checkpoint_dir(session.paths.checkpoints, session.step)
     try:
-        save_checkpoint(folder, to_kohya(session.adapter.tensors(), table), state)
+        save_checkpoint(folder, to_kohya(adapter, table), state)
     except OSError as exc:
         previous = list_checkpoints(session.paths.checkpoints)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -89,7 +97,7 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
     table = session.base.architecture.kohya_table
     index = kohya_module_index(session.adapter.targets, table)
     session.adapter.load_tensors(from_kohya(adapter_flat, index, str(folder)), str(folder))
-    session.optimizer.load_state_dict(state.optimizer)
+    session.optimizer.load_state_dict(shard_optimizer_state(session.optimizer, state.optimizer))
     session.scheduler.load_state_dict(state.scheduler)
     if state.grad_scaler and session.accelerator.scaler:
         session.accelerator.scaler.load_state_dict(state.grad_scaler)

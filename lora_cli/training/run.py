@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -14,12 +13,15 @@ from lora_cli.config import Preset, preset_to_yaml
 from lora_cli.errors import OutputWriteError
 from lora_cli.io.adapter_file import save_adapter
 from lora_cli.io.atomic import write_text_atomic
+from lora_cli.io.keys import AdapterTensors
 from lora_cli.models import LoadedBase
+from lora_cli.sharded_tensors import gather_state
 from lora_cli.training.data import TrainingData
-from lora_cli.training.distributed import check_processes_agree
+from lora_cli.training.distributed import check_processes_agree, launch_rank
 from lora_cli.training.interrupt import stop_on_signals
 from lora_cli.training.outputs import adapter_format, adapter_metadata, claim_run_folder, remove_stale_temporaries
 from lora_cli.training.session import TrainingSession, build_session, prepare_model, run_paths, scan_dataset
+from lora_cli.training.sharding import sharding_summary
 
 
 def train(
@@ -43,7 +45,7 @@ def train(
     resuming = resume or resume_from is not None
     if not dry_run:
         claim_run_folder(paths, resuming, overwrite)
-        if int(os.environ.get("RANK", "0")) == 0:  # other processes may start later; only the writer cleans
+        if launch_rank() == 0:  # other processes may start later; only the writer cleans
             remove_stale_temporaries(paths)
     base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run)
     if "quantization" in base.pipeline_extras:
@@ -53,6 +55,8 @@ def train(
         return None
 
     session = build_session(preset, paths, base, adapter, data)
+    if session.sharded and session.accelerator.is_main_process:
+        console.print(sharding_summary(session.base.denoiser, session.accelerator.num_processes), highlight=False)
     if resuming:
         checkpoint = find_checkpoint(session, resume_from)
         if checkpoint is None:
@@ -72,9 +76,10 @@ def train(
                 "intact: free disk space and continue with --resume"
             ) from None
     session.accelerator.wait_for_everyone()
-    check_processes_agree(session)
+    tensors = gather_state(session.adapter.tensors())  # on every process: a sharded adapter is gathered
+    check_processes_agree(session, tensors)
     if session.accelerator.is_main_process:
-        _write_adapter(session)
+        _write_adapter(session, tensors)
         console.print(f"adapter written to {paths.adapter}", highlight=False)
     # Several processes: leave the process group together (one leaving while another still writes can hang it).
     session.accelerator.wait_for_everyone()
@@ -82,13 +87,13 @@ def train(
     return paths.adapter
 
 
-def _write_adapter(session: TrainingSession) -> None:
+def _write_adapter(session: TrainingSession, tensors: AdapterTensors) -> None:
     preset = session.preset
     metadata = adapter_metadata(preset, session.base.identity, session.adapter, session.step, session.data.fingerprint)
     try:
         save_adapter(
             session.paths.adapter,
-            session.adapter.tensors(),
+            tensors,
             session.adapter.ranks(),
             session.adapter.algorithm,
             adapter_format(preset, session.base.architecture),

@@ -20,6 +20,7 @@ from lora_cli.training.encoders import BatchEncoder
 from lora_cli.training.optim import build_optimizer, build_scheduler
 from lora_cli.training.outputs import RunPaths
 from lora_cli.training.prior import prior_items
+from lora_cli.training.sharding import refuse_unsupported_launch, shard_denoiser, wants_sharding
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class TrainingSession:
     step: int = 0
     micro_step: int = 0
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss or gradient (train.skip_nonfinite)
+    sharded: bool = False  # the denoiser is split across processes (FSDP): every process draws and gathers
 
     def next_batch(self) -> list[BatchSample]:
         """This process's share of the next global micro-batch; advances the data position."""
@@ -125,6 +127,7 @@ def build_session(
     from accelerate import Accelerator
 
     train = preset.train
+    refuse_unsupported_launch()
     try:
         accelerator = Accelerator(mixed_precision=train.mixed_precision)
     except (ValueError, RuntimeError) as exc:
@@ -140,6 +143,16 @@ def build_session(
     keep_encoders = bool(preset.sample.prompts)
     encoder.fill_caches(paths.cache, keep_encoders, on_progress=lambda message: None)
 
+    # The denoiser is sharded (FSDP) or wrapped (DDP) before the optimizer sees its parameters: sharding
+    # replaces them. Text encoders stay plain modules on the device; their adapter's gradients are averaged
+    # by the loop.
+    sharded = wants_sharding(preset, accelerator)
+    if sharded:
+        shard_denoiser(base, preset.distributed.reshard_after_forward, device, accelerator.num_processes)
+        denoiser = base.denoiser
+    else:
+        denoiser = accelerator.prepare_model(base.denoiser)
+
     groups = [{"params": adapter.parameters(base.architecture.denoiser_name), "lr": train.learning_rate}]
     for name in adapter.components:
         if name != base.architecture.denoiser_name:
@@ -152,8 +165,6 @@ def build_session(
     total_steps = train.steps or math.ceil(train.epochs * batches_per_epoch / train.gradient_accumulation)
     scheduler = build_scheduler(optimizer, train, total_steps)
 
-    # Only the denoiser is wrapped (DDP on several processes); text encoders stay plain modules on the device.
-    denoiser = accelerator.prepare_model(base.denoiser)
     optimizer = accelerator.prepare_optimizer(optimizer)
     return TrainingSession(
         preset=preset,
@@ -168,6 +179,7 @@ def build_session(
         scheduler=scheduler,
         total_steps=total_steps,
         batches_per_epoch=batches_per_epoch,
+        sharded=sharded,
     )
 
 

@@ -3,38 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-
-TRAIN = "from lora_cli.cli.train import main; main()"
-
-
-def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`lora-train ARGS` on several processes, as ../shared/ENVIRONMENT-NOTES.md says gives real DDP on CPU."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--standalone"]
-    command += ["--nproc_per_node", str(processes), sys.executable, "-c", TRAIN, *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-
-
-def assert_same_updates(expected_file: Path, got_file: Path) -> None:
-    """Tolerance: each layer's weight update (up @ down) within 1% (relative Frobenius norm) of the
-    expected one (measured: at most 0.3%)."""
-    single, double = load_file(expected_file), load_file(got_file)
-    assert single.keys() == double.keys()
-    for stem in {key.split(".")[0] for key in single}:
-        expected, got = (
-            tensors[f"{stem}.lora_up.weight"].flatten(1) @ tensors[f"{stem}.lora_down.weight"].flatten(1)
-            for tensors in (single, double)
-        )
-        assert expected.norm() > 0 and (got - expected).norm() <= 0.01 * expected.norm(), stem
+from tests.reliability.launch import assert_same_updates, torchrun
 
 
 def test_two_processes_train_what_one_process_trains_with_the_same_effective_batch(write_preset, tmp_path) -> None:

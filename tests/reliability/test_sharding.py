@@ -1,0 +1,140 @@
+"""FSDP on two CPU processes over gloo: the base is really split, training matches DDP and one process, sharded
+checkpoints resume exactly (sharded or not), and settings that cannot be sharded are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_cli.config import load_preset
+from lora_cli.errors import PresetError
+from lora_cli.training.sharding import refuse_unsupported_launch, wants_sharding
+from tests.conftest import run_cli
+from tests.reliability.launch import accelerate_launch, assert_same_updates, torchrun
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def held_fraction(stderr: str) -> float:
+    """From the line `FSDP: ... this process holds SIZE (P%) of its SIZE of weights`."""
+    match = re.search(r"this process holds [\d.]+ \w+ \((\d+)%\) of its", " ".join(stderr.split()))
+    assert match, stderr[-2000:]
+    return int(match[1]) / 100
+
+
+def test_fsdp_splits_the_base_and_trains_what_ddp_and_one_process_train(write_preset, tmp_path: Path) -> None:
+    """Text-encoder adapter (averaged outside DDP/FSDP), LoCon on convolutions, accumulation over 2 micro-batches."""
+    preset = write_preset(
+        adapter={"rank": 4, "alpha": 8, "type": "locon", "text_encoder": True},
+        train={"steps": 3, "batch_size": 1, "gradient_accumulation": 2, "learning_rate": "1e-3"},
+    )
+    runs = {name: ("--no-progress", "--set", f"output.dir={tmp_path / name}") for name in ("ddp", "fsdp", "one")}
+    ddp = torchrun(2, str(preset), *runs["ddp"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = torchrun(2, str(preset), *runs["fsdp"], "--set", "distributed.strategy=fsdp")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert 0.45 < held_fraction(fsdp.stderr) < 0.55  # each process holds half of the denoiser's weights
+    assert "FSDP" not in ddp.stderr
+    one = run_cli(str(preset), *runs["one"], "--set", "train.batch_size=2")
+    assert one.returncode == 0, one.stderr
+    for name in ("ddp", "fsdp"):
+        assert all(abs(a - b) < 1e-5 for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / name), strict=True))
+        assert_same_updates(tmp_path / "one" / "lora.safetensors", tmp_path / name / "lora.safetensors")
+    assert any(key.startswith("lora_te_") for key in load_file(tmp_path / "fsdp" / "lora.safetensors"))
+
+
+def test_fsdp_checkpoint_resumes_exactly_sharded_and_on_one_process(write_preset, tmp_path: Path) -> None:
+    """A sharded run that stops at step 2 and resumes sharded ends bit-identical to an uninterrupted one; the
+    same checkpoint (full tensors) resumed by one process at the same global batch ends within float rounding."""
+    preset = write_preset(
+        train={"steps": 4, "batch_size": 2}, output={"save_every": 2}, distributed={"strategy": "fsdp"}
+    )
+    whole = torchrun(2, str(preset), "--no-progress", "--set", f"output.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for name in ("sharded", "single"):  # the run as it was when killed after the step-2 checkpoint
+        shutil.copytree(tmp_path / "whole", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-000004")
+        (tmp_path / name / "lora.safetensors").unlink()
+    sharded = torchrun(2, str(preset), "--no-progress", "--resume", "--set", f"output.dir={tmp_path / 'sharded'}")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "at step 2" in sharded.stderr
+    expected = load_file(tmp_path / "whole" / "lora.safetensors")
+    resumed = load_file(tmp_path / "sharded" / "lora.safetensors")
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    single = run_cli(
+        str(preset), "--no-progress", "--resume", "--set", "train.batch_size=4", "--set",
+        f"output.dir={tmp_path / 'single'}",
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    assert_same_updates(tmp_path / "whole" / "lora.safetensors", tmp_path / "single" / "lora.safetensors")
+
+
+def test_accelerate_fsdp_config_shards_a_dit_and_every_process_draws_previews(tmp_path: Path, shapes_data) -> None:
+    """The shipped accelerate configs on a Flux-shaped DiT: FSDP (from the config alone) with gradient
+    checkpointing trains what DDP trains, and previews (which need every process when sharded) are written."""
+    from lora_cli.toy.tiny_dits import build_tiny_flux
+
+    flux = build_tiny_flux(tmp_path / "flux", blocks=(2, 2))
+    preset = tmp_path / "flux.yaml"
+    preset.write_text(
+        json.dumps({
+            "model": {"path": str(flux)},
+            "data": {"folder": str(shapes_data), "resolution": 64},
+            "adapter": {"rank": 4, "alpha": 4},
+            "train": {"steps": 3, "batch_size": 1, "learning_rate": 1e-3, "gradient_checkpointing": True},
+            "sample": {"prompts": ["a red circle"], "steps": 2},
+        })
+    )  # fmt: skip
+    fsdp = accelerate_launch("fsdp.yaml", str(preset), "--no-progress", "--set", f"output.dir={tmp_path / 'fsdp'}")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert held_fraction(fsdp.stderr) < 0.55
+    assert "view tensor" not in fsdp.stderr
+    ddp = accelerate_launch("multi-gpu.yaml", str(preset), "--no-progress", "--set", f"output.dir={tmp_path / 'ddp'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert_same_updates(tmp_path / "ddp" / "lora.safetensors", tmp_path / "fsdp" / "lora.safetensors")
+    previews = sorted(path.name for path in (tmp_path / "fsdp" / "samples").iterdir())
+    assert previews == ["before-after.png", "step-000000.png", "step-000003.png"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.quantize=nf4", "model.quantize: nf4"),
+        ("train.mixed_precision=fp16", "train.mixed_precision: fp16"),
+        ("train.optimizer=adamw8bit", "train.optimizer: adamw8bit"),
+    ],
+)
+def test_settings_fsdp_cannot_shard_are_refused(tmp_path: Path, override: str, message: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {path: m}\ndata: {folder: d}\ntrain: {steps: 1}\ndistributed: {strategy: fsdp}\n")
+    preset = load_preset(path, [override])
+    with pytest.raises(PresetError, match=re.escape(message)):
+        wants_sharding(preset, SimpleNamespace(num_processes=2))
+    assert not wants_sharding(preset, SimpleNamespace(num_processes=1))  # one process: nothing to shard
+
+
+def test_accelerate_fsdp_config_alone_asks_for_sharding(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {path: m}\ndata: {folder: d}\ntrain: {steps: 1}\n")
+    preset = load_preset(path)
+    assert not wants_sharding(preset, SimpleNamespace(num_processes=2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert wants_sharding(preset, SimpleNamespace(num_processes=2))
+
+
+def test_deepspeed_config_is_refused_in_one_line(write_preset, monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(PresetError, match="DeepSpeed, which lora-cli does not run under"):
+        refuse_unsupported_launch()
+    result = run_cli(str(write_preset()), "--no-progress")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the accelerate config selects DeepSpeed")
