@@ -260,6 +260,39 @@ def test_plan_reports_a_peak_for_each_dit(tiny_dits, write_preset, dit: str) -> 
     assert 0 < activations < part(bigger, "activations")  # four times the image tokens, as many text tokens
 
 
+def test_fsdp_plan_splits_the_denoiser_and_its_adapter(write_preset, tmp_path: Path) -> None:
+    """Per process under FSDP: 1/N of the denoiser's weights plus three gathered blocks (or everything else
+    until backward when gathered weights are kept), 1/N of its adapter state; a text encoder's stays whole.
+    DDP on several processes changes nothing but the note. (tests/reliability/test_sharding.py compares the
+    shard with what a real FSDP run holds.)"""
+    from lora_cli.toy.tiny_dits import build_tiny_flux
+
+    flux = build_tiny_flux(tmp_path / "flux", blocks=(2, 4))
+    preset = load_preset(write_preset(model={"path": str(flux)}, adapter={"text_encoder": True}))
+    inventory = read_inventory(preset.model)
+    single = PlanSettings.from_preset(preset)
+    ddp = PlanSettings.from_preset(preset, processes=4)
+    fsdp = replace(ddp, sharded=True)
+    assert not ddp.sharded and "per process" in " ".join(estimate_memory(inventory, ddp).notes)
+    one, four = estimate_memory(inventory, single), estimate_memory(inventory, fsdp)
+    assert estimate_memory(inventory, ddp).peak_device_bytes == one.peak_device_bytes
+    full = part(one, "weights: transformer")
+    assert part(four, "weights: transformer (1/4 shard)") == full // 4
+    block = sum(w.numel for w in inventory.components["transformer"] if w.name.startswith("transformer_blocks.0."))
+    gathered = part(four, "weights gathered at once (3 blocks)")  # float32; a double block is the largest
+    assert gathered == 3 * block * 4 < full - full // 4
+    kept = estimate_memory(inventory, replace(fsdp, reshard_after_forward=False))
+    assert part(kept, "weights gathered until backward") == full - full // 4
+    for name in ("adapter", "gradients", "optimizer state"):
+        assert part(one, name) / 4 < part(four, name) < part(one, name)  # the text encoders' share is not split
+    # The advice proposes sharding on several processes, and nothing FSDP cannot shard once it is chosen.
+    from lora_cli.planning.advice import _optimizer, _quantization, _sharding
+
+    assert [updates for updates, _ in _sharding(ddp, "cuda")] == [{"distributed.strategy": "fsdp"}]
+    assert not list(_sharding(single, "cuda")) and not list(_sharding(replace(ddp, quantize="nf4"), "cuda"))
+    assert not list(_optimizer(fsdp, "cuda")) and not list(_quantization(fsdp, "cuda"))
+
+
 def test_lora_train_plan_on_a_video_dit(tiny_dits, write_preset, tmp_path: Path) -> None:
     """`lora-train PRESET --plan` end to end on the tiny Wan with 17-frame clips: a plan, no error."""
     from lora_cli.toy.tiny_dits import write_clips
@@ -300,9 +333,11 @@ def test_advice_makes_a_tight_budget_fit_and_says_when_nothing_can(shapes) -> No
     assert not impossible.fits and impossible.message.startswith("cannot fit")
     assert {key for change in impossible.changes for key in change.updates} >= {
         "train.gradient_checkpointing",
-        "model.quantize",
         "data.resolution",
     }
+    # On a GPU the denoiser waits in RAM while the caches fill; on the CPU quantizing it lowers the peak.
+    on_cpu = advise(shapes, start, Budget(ram=1 * MiB), "cpu")
+    assert "model.quantize" in {key for change in on_cpu.changes for key in change.updates}
     roomy = advise(shapes, start, Budget(vram=80 * GiB, ram=80 * GiB))
     assert roomy.fits and not roomy.changes
 

@@ -51,6 +51,15 @@ def train(
             "--ram", help="System RAM budget for --plan, e.g. 32GiB: propose changes that fit.", metavar="SIZE"
         ),
     ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="For --plan: processes that will train together (GPUs); with distributed.strategy: fsdp the "
+            "denoiser is split among them.",
+        ),
+    ] = 1,
 ) -> None:
     from rich.console import Console
 
@@ -61,7 +70,13 @@ def train(
         raise PresetError("--resume and --overwrite contradict each other; choose one")
     loaded = load_preset(preset, [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])])
     quiet_libraries()
-    if plan or vram is not None or ram is not None:
+    planning = plan or vram is not None or ram is not None
+    if processes > 1 and not planning:
+        raise PresetError(
+            "--processes is for --plan; to train on several processes start lora-train with accelerate launch or "
+            "torchrun (docs/distributed.md)"
+        )
+    if planning:
         from lora_cli.planning import parse_size
         from lora_cli.training.run import describe_memory
 
@@ -70,6 +85,7 @@ def train(
             Console(),
             vram=parse_size(vram, "--vram") if vram is not None else None,
             ram=parse_size(ram, "--ram") if ram is not None else None,
+            processes=processes,
         )
         return
     from lora_cli.training.distributed import launch_rank

@@ -1,9 +1,9 @@
 """Preset changes that make a run fit a memory budget, proposed greedily in order of what they cost.
 
-Free changes come first (caching, checkpointing: same result, more time), then ones that barely change the
-result (8-bit optimizer, bf16 on a GPU, quantized base), then ones that change the training itself (smaller
-batches with accumulation, lower resolution). Each is taken only if it lowers the excess over the budgets,
-and the search stops as soon as the run fits.
+Free changes come first (caching, checkpointing, sharding over several processes: same result, more time),
+then ones that barely change the result (8-bit optimizer, bf16 on a GPU, quantized base), then ones that
+change the training itself (smaller batches with accumulation, lower resolution). Each is taken only if it
+lowers the excess over the budgets, and the search stops as soon as the run fits.
 """
 
 from __future__ import annotations
@@ -111,8 +111,17 @@ def _checkpointing(settings: PlanSettings, device: str) -> Iterator[Option]:
         yield {"train.gradient_checkpointing": True}, replace(settings, gradient_checkpointing=True)
 
 
+def _sharding(settings: PlanSettings, device: str) -> Iterator[Option]:
+    """FSDP over the processes: the same result, more transfers; not with what it cannot shard."""
+    compatible = (
+        settings.quantize == "none" and settings.optimizer != "adamw8bit" and settings.mixed_precision != "fp16"
+    )
+    if settings.processes > 1 and not settings.sharded and compatible:
+        yield {"distributed.strategy": "fsdp"}, replace(settings, sharded=True)
+
+
 def _optimizer(settings: PlanSettings, device: str) -> Iterator[Option]:
-    if settings.optimizer == "adamw":  # Prodigy has no 8-bit form, and AdamW needs another learning rate
+    if settings.optimizer == "adamw" and not settings.sharded:  # Prodigy has no 8-bit form; FSDP cannot use it
         yield {"train.optimizer": "adamw8bit"}, replace(settings, optimizer="adamw8bit")
 
 
@@ -128,6 +137,8 @@ def _half_weights(settings: PlanSettings, device: str) -> Iterator[Option]:
 
 
 def _quantization(settings: PlanSettings, device: str) -> Iterator[Option]:
+    if settings.sharded:  # FSDP cannot shard quantized weights
+        return
     for mode in ("int8", "nf4"):
         if (settings.quantize, mode) in (("none", "int8"), ("none", "nf4"), ("int8", "nf4")):
             yield {"model.quantize": mode}, replace(settings, quantize=mode)
@@ -152,6 +163,7 @@ _CANDIDATES: tuple[Callable[[PlanSettings, str], Iterator[Option]], ...] = (
     _caching,
     _text_caching,
     _checkpointing,
+    _sharding,
     _optimizer,
     _autocast,
     _half_weights,

@@ -67,9 +67,12 @@ class PlanSettings:
     images: int | None = None  # training images, when known: caching encodes up to CACHE_BATCH at once
     frames: int | None = None  # video clips of this many frames (`data.frames`), else images
     text_tokens: int | None = None  # `model.max_text_tokens`: a DiT's T5 token limit, else its default
+    processes: int = 1  # processes training together; every figure is per process
+    sharded: bool = False  # FSDP over `processes` (`distributed.strategy: fsdp`)
+    reshard_after_forward: bool = True
 
     @classmethod
-    def from_preset(cls, preset: Preset, images: int | None = None) -> PlanSettings:
+    def from_preset(cls, preset: Preset, images: int | None = None, processes: int = 1) -> PlanSettings:
         train = preset.train
         return cls(
             adapter=preset.adapter,
@@ -88,6 +91,9 @@ class PlanSettings:
             images=images,
             frames=preset.data.frames,
             text_tokens=preset.model.max_text_tokens,
+            processes=processes,
+            sharded=preset.distributed.strategy == "fsdp" and processes > 1,
+            reshard_after_forward=preset.distributed.reshard_after_forward,
         )
 
 
@@ -150,6 +156,8 @@ class _Facts:
     architecture: Architecture
     model: ActivationModel
     adapter_sizes: tuple[int, ...]
+    denoiser_adapter: int  # elements of the denoiser's share of `adapter_sizes` (FSDP shards it)
+    largest_block: int  # elements of the denoiser's largest block (FSDP gathers blocks whole)
     adapted_layers: int
     activations: Activations
     text_activations: float  # per sample, when the text encoder's adapter trains
@@ -165,6 +173,10 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     vectors = {w.name: w.shape for w in inventory.components[denoiser] if w.name.removesuffix(".weight") not in layers}
     targets = select_targets(layers, section, architecture.target_presets, model.blocks(layers), denoiser)
     sizes = [size for name in targets for size in adapter_tensor_sizes(section, layers[name])]
+    denoiser_adapter = sum(sizes)
+    blocks = model.blocks(layers)
+    weights = inventory.components[denoiser]
+    largest_block = max((sum(w.numel for w in weights if w.name.startswith(f"{b}.")) for b in blocks), default=0)
     adapted = len(targets)
     query = DenoiserQuery(
         layers=layers,
@@ -179,7 +191,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     text_activations = 0.0
     if section.text_encoder:
         patterns = section.text_encoder_targets or list(architecture.default_text_encoder_targets)
-        for component in _text_encoders(inventory, architecture):
+        for component in [name for name in architecture.trained_text_encoders if name in inventory.components]:
             te_layers = adaptable_layers(inventory.layer_shapes(component))
             te_targets = match_targets(te_layers, patterns, f"adapter.text_encoder_targets ({component})")
             sizes += [size for name in te_targets for size in adapter_tensor_sizes(section, te_layers[name])]
@@ -187,7 +199,20 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
             tokens = _encoder_tokens(inventory, component, architecture, settings)
             text_activations += model.text_encoder(te_layers, frozenset(te_targets), section.rank, tokens)
     notes = ("previews (inference and VAE decoding at sample time) are not counted",) if settings.keep_encoders else ()
-    return _Facts(architecture, model, tuple(sizes), adapted, model.denoiser(query), text_activations, notes)
+    if settings.processes > 1:
+        notes += (f"figures are per process: {settings.processes} processes on one machine need that RAM each",)
+    activations = model.denoiser(query)
+    return _Facts(
+        architecture,
+        model,
+        tuple(sizes),
+        denoiser_adapter,
+        largest_block,
+        adapted,
+        activations,
+        text_activations,
+        notes,
+    )
 
 
 def _load_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
@@ -212,8 +237,8 @@ def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     parts = [_runtime(device)]
     denoiser = facts.architecture.denoiser_name
     for name in inventory.components:
-        if device == "cpu" and name == denoiser and _mapped(inventory, settings, facts, name):
-            continue  # a memory-mapped denoiser is not read before its first training step
+        if name == denoiser and (device == "cuda" or _mapped(inventory, settings, facts, name)):
+            continue  # it waits in RAM until training (and, memory-mapped on the CPU, is not read before)
         parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name, device)))
     parts.append(Part("adapter", 4 * sum(facts.adapter_sizes)))
     if settings.cache_latents:
@@ -231,13 +256,18 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     if settings.cache_text_embeddings and settings.text_cache_allowed and not settings.keep_encoders:
         released |= set(_text_encoders(inventory, facts.architecture))
     for name in inventory.components:
-        if name not in released:
+        if settings.sharded and name == facts.architecture.denoiser_name:
+            parts += _sharded_weights(inventory, settings, facts, name, device)
+        elif name not in released:
             parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name, device)))
     adapter = sum(facts.adapter_sizes)
+    # FSDP splits the denoiser's adapter, its gradients and optimizer state; a text encoder's stays whole.
+    share = (adapter - facts.denoiser_adapter * (1 - 1 / settings.processes)) / adapter if settings.sharded else 1
+    optimizer = _optimizer_bytes(settings.optimizer, facts.adapter_sizes)
     parts += [
-        Part("adapter (float32)", 4 * adapter),
-        Part("gradients (float32)", 4 * adapter),
-        Part(f"optimizer state ({settings.optimizer})", _optimizer_bytes(settings.optimizer, facts.adapter_sizes)),
+        Part("adapter (float32)", round(4 * adapter * share)),
+        Part("gradients (float32)", round(4 * adapter * share)),
+        Part(f"optimizer state ({settings.optimizer})", round(optimizer * share)),
     ]
     activations = _activation_bytes(settings, facts, device)
     mode = "gradient checkpointing" if settings.gradient_checkpointing else "no checkpointing"
@@ -252,6 +282,22 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     if device == "cpu":
         return (*parts, activation, encoding)
     return (*parts, max(activation, encoding, key=lambda part: part.bytes))
+
+
+def _sharded_weights(
+    inventory: BaseInventory, settings: PlanSettings, facts: _Facts, name: str, device: str
+) -> list[Part]:
+    """FSDP: this process's shard, plus what is gathered at once: up to three blocks (computing, prefetching,
+    copying out of the gather buffer), or every other shard by the end of the forward pass when gathered
+    weights are kept for backward."""
+    full = _weight_bytes(inventory, settings, facts, name, device)
+    shard = full // settings.processes
+    if settings.reshard_after_forward:
+        blocks = min(3 * facts.largest_block * TORCH_DTYPE_BYTES[settings.dtype], full - shard)
+        gathered = Part("weights gathered at once (3 blocks)", blocks)
+    else:
+        gathered = Part("weights gathered until backward (reshard_after_forward: false)", full - shard)
+    return [Part(f"weights: {name} (1/{settings.processes} shard)", shard), gathered]
 
 
 def _activation_bytes(settings: PlanSettings, facts: _Facts, device: str) -> int:

@@ -13,11 +13,13 @@ if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
 
 
-def plan_report(preset: Preset, vram: int | None = None, ram: int | None = None, images: int | None = None) -> str:
+def plan_report(
+    preset: Preset, vram: int | None = None, ram: int | None = None, images: int | None = None, processes: int = 1
+) -> str:
     """What `lora-train --plan` prints: the GPU plan, the CPU-only RAM peak, and with budgets the changes
-    that make the GPU run fit."""
+    that make the GPU run fit; per process when `processes` train together."""
     inventory = read_inventory(preset.model)
-    settings = PlanSettings.from_preset(preset, images)
+    settings = PlanSettings.from_preset(preset, images, processes)
     plan = estimate_memory(inventory, settings, "cuda")
     cpu = estimate_memory(inventory, settings, "cpu")
     lines = [format_plan(plan), f"Training on the CPU only instead: RAM peak {format_size(cpu.peak_ram_bytes)}"]
@@ -38,6 +40,9 @@ def format_plan(plan: MemoryPlan) -> str:
         + (f"{settings.frames} frames, " if settings.frames else "")
         + f"model.dtype {settings.dtype}, quantize {settings.quantize}",
     ]
+    if settings.processes > 1:
+        strategy = "FSDP: the denoiser sharded" if settings.sharded else "DDP: each holds the whole base"
+        lines.append(f"{settings.processes} processes ({strategy}); every figure is per process")
     if plan.device == "cuda":
         lines += _section("GPU memory", plan.peak_device_bytes, plan.device_phase, plan.device_parts)
     lines += _section("RAM", plan.peak_ram_bytes, plan.ram_phase, plan.ram_parts)

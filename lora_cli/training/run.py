@@ -139,9 +139,12 @@ def _describe_plan(
     console.print(f"architecture: {base.identity.architecture}; base fingerprint {base.identity.fingerprint[:16]}")
 
 
-def describe_memory(preset: Preset, console: Console, vram: int | None = None, ram: int | None = None) -> None:
+def describe_memory(
+    preset: Preset, console: Console, vram: int | None = None, ram: int | None = None, processes: int = 1
+) -> None:
     """`--plan`: the estimated peaks and, with budgets, the changes that fit; reads only weight headers."""
     from lora_cli.planning.report import plan_report
 
     scan = scan_dataset(preset)
-    console.print(plan_report(preset, vram, ram, images=len(scan.items)), highlight=False, markup=False, soft_wrap=True)
+    report = plan_report(preset, vram, ram, images=len(scan.items), processes=processes)
+    console.print(report, highlight=False, markup=False, soft_wrap=True)

@@ -103,12 +103,13 @@ def gradient_sync_paused(accelerator: Any, denoiser: torch.nn.Module) -> Iterato
 
 
 def sharding_summary(denoiser: torch.nn.Module, processes: int) -> str:
-    """One line: how much of the denoiser's weights this process holds."""
-    held = sum(_local_part(p).numel() * p.element_size() for p in denoiser.parameters())
-    total = sum(p.numel() * p.element_size() for p in denoiser.parameters())
+    """One line: how much of the denoiser's frozen weights this process holds (its adapter is split alike)."""
+    frozen = [p for p in denoiser.parameters() if not p.requires_grad]
+    held = sum(_local_part(p).numel() * p.element_size() for p in frozen)
+    total = sum(p.numel() * p.element_size() for p in frozen)
     return (
         f"FSDP: the denoiser is sharded over {processes} processes; this process holds {format_size(held)} "
-        f"({100 * held / total:.0f}%) of its {format_size(total)} of weights"
+        f"({100 * held / total:.0f}%) of its {format_size(total)} of base weights"
     )
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from lora_cli.config import load_preset
 from lora_cli.errors import PresetError
+from lora_cli.planning import parse_size
 from lora_cli.training.sharding import refuse_unsupported_launch, wants_sharding
 from tests.conftest import run_cli
 from tests.reliability.launch import accelerate_launch, assert_same_updates, torchrun
@@ -24,11 +25,11 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def held_fraction(stderr: str) -> float:
-    """From the line `FSDP: ... this process holds SIZE (P%) of its SIZE of weights`."""
-    match = re.search(r"this process holds [\d.]+ \w+ \((\d+)%\) of its", " ".join(stderr.split()))
+def held(stderr: str) -> tuple[int, float]:
+    """Bytes and fraction from the line `FSDP: ... this process holds SIZE (P%) of its SIZE of base weights`."""
+    match = re.search(r"this process holds ([\d.]+ \w+) \((\d+)%\) of its", " ".join(stderr.split()))
     assert match, stderr[-2000:]
-    return int(match[1]) / 100
+    return parse_size(match[1]), int(match[2]) / 100
 
 
 def test_fsdp_splits_the_base_and_trains_what_ddp_and_one_process_train(write_preset, tmp_path: Path) -> None:
@@ -42,8 +43,15 @@ def test_fsdp_splits_the_base_and_trains_what_ddp_and_one_process_train(write_pr
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     fsdp = torchrun(2, str(preset), *runs["fsdp"], "--set", "distributed.strategy=fsdp")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    assert 0.45 < held_fraction(fsdp.stderr) < 0.55  # each process holds half of the denoiser's weights
+    assert 0.45 < held(fsdp.stderr)[1] < 0.55  # each process holds half of the denoiser's weights
     assert "FSDP" not in ddp.stderr
+    # The memory planner's shard is what the run holds (rank 0 holds the larger half of odd-sized rows).
+    plan = run_cli(str(preset), "--plan", "--processes", "2", "--set", "distributed.strategy=fsdp")
+    assert plan.returncode == 0 and "2 processes (FSDP" in plan.stdout, plan.stderr
+    planned = parse_size(re.search(r"weights: unet \(1/2 shard\)\s+([\d.]+ \w+)", plan.stdout)[1])
+    assert 0.97 < held(fsdp.stderr)[0] / planned < 1.05
+    misuse = run_cli(str(preset), "--processes", "2")
+    assert misuse.returncode == 2 and "--processes is for --plan" in misuse.stderr
     one = run_cli(str(preset), *runs["one"], "--set", "train.batch_size=2")
     assert one.returncode == 0, one.stderr
     for name in ("ddp", "fsdp"):
@@ -96,7 +104,7 @@ def test_accelerate_fsdp_config_shards_a_dit_and_every_process_draws_previews(tm
     )  # fmt: skip
     fsdp = accelerate_launch("fsdp.yaml", str(preset), "--no-progress", "--set", f"output.dir={tmp_path / 'fsdp'}")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    assert held_fraction(fsdp.stderr) < 0.55
+    assert held(fsdp.stderr)[1] < 0.55
     assert "view tensor" not in fsdp.stderr
     ddp = accelerate_launch("multi-gpu.yaml", str(preset), "--no-progress", "--set", f"output.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
