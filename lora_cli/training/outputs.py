@@ -65,8 +65,9 @@ class RunPaths:
         return [path for path in candidates if path.exists()]
 
 
-def claim_run_folder(paths: RunPaths, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix with an earlier run unless the user asked to resume it or to replace it."""
+def claim_run_folder(paths: RunPaths, resume: bool, overwrite: bool, clear: bool = True) -> None:
+    """Refuse to mix with an earlier run unless the user asked to resume it or to replace it; with
+    `--overwrite`, `clear` removes its results (one process does, when several start together)."""
     existing = paths.results()
     if not existing or resume:
         return
@@ -75,6 +76,8 @@ def claim_run_folder(paths: RunPaths, resume: bool, overwrite: bool) -> None:
             f"{paths.root} already holds a run ({existing[0].name}); use --resume to continue it, "
             "--overwrite to replace it, or set output.dir to a new folder"
         )
+    if not clear:
+        return
     for path in existing:
         remove_directory(path) if path.is_dir() else path.unlink()
 

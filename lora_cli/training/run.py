@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -17,10 +18,17 @@ from lora_cli.io.keys import AdapterTensors
 from lora_cli.models import LoadedBase
 from lora_cli.sharded_tensors import gather_state
 from lora_cli.training.data import TrainingData
-from lora_cli.training.distributed import check_processes_agree, launch_rank
+from lora_cli.training.distributed import check_processes_agree
 from lora_cli.training.interrupt import stop_on_signals
 from lora_cli.training.outputs import adapter_format, adapter_metadata, claim_run_folder, remove_stale_temporaries
-from lora_cli.training.session import TrainingSession, build_session, prepare_model, run_paths, scan_dataset
+from lora_cli.training.session import (
+    TrainingSession,
+    build_session,
+    create_accelerator,
+    prepare_model,
+    run_paths,
+    scan_dataset,
+)
 from lora_cli.training.sharding import sharding_summary
 
 
@@ -43,18 +51,23 @@ def train(
         console.print(f"[yellow]warning[/]: {finding.line()}", highlight=False)
     paths = run_paths(preset)
     resuming = resume or resume_from is not None
-    if not dry_run:
-        claim_run_folder(paths, resuming, overwrite)
-        if launch_rank() == 0:  # other processes may start later; only the writer cleans
+    accelerator = None if dry_run else create_accelerator(preset)
+    if accelerator is not None:
+        # Every process checks the run folder; the main one clears it (--overwrite) and removes what a killed
+        # run left, and the others wait for that before anything is written.
+        claim_run_folder(paths, resuming, overwrite, clear=accelerator.is_main_process)
+        if accelerator.is_main_process:
             remove_stale_temporaries(paths)
-    base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run)
+        accelerator.wait_for_everyone()
+    main_first = accelerator.main_process_first if accelerator else contextlib.nullcontext
+    base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run, main_first=main_first)
     if "quantization" in base.pipeline_extras:
         console.print(base.pipeline_extras["quantization"].line(), highlight=False)
     if dry_run:
         _describe_plan(console, preset, scan, base, adapter, data)
         return None
 
-    session = build_session(preset, paths, base, adapter, data)
+    session = build_session(preset, paths, base, adapter, data, accelerator)
     if session.sharded and session.accelerator.is_main_process:
         console.print(sharding_summary(session.base.denoiser, session.accelerator.num_processes), highlight=False)
     if resuming:

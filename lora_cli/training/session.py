@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,12 +109,19 @@ def _stop_on_errors(report: Report, folder: str) -> Report:
 
 
 def prepare_model(
-    preset: Preset, scan: Report, generate_prior: bool = True
+    preset: Preset,
+    scan: Report,
+    generate_prior: bool = True,
+    main_first: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
     """Load the frozen base, gather prior images (drawn by the base before any adapter exists), inject the
-    adapter and index the data. Shared by training and --dry-run (which generates nothing)."""
+    adapter and index the data. Shared by training and --dry-run (which generates nothing). On several
+    processes `main_first` lets the main process generate the prior images before the others read them."""
     base = load_base(preset.model)
-    prior = prior_items(preset, base, run_paths(preset).root, generate_prior) if preset.prior.enabled else []
+    prior = []
+    if preset.prior.enabled:
+        with main_first():
+            prior = prior_items(preset, base, run_paths(preset).root, generate_prior)
     settings = preset.data
     data = TrainingData.build(
         scan.items, settings.resolution, settings.repeats, prior, preset.prior.weight, settings.frames, settings.fps
@@ -120,18 +130,29 @@ def prepare_model(
     return base, adapter, data
 
 
-def build_session(
-    preset: Preset, paths: RunPaths, base: LoadedBase, adapter: InjectedAdapter, data: TrainingData
-) -> TrainingSession:
-    """Wire up accelerate, caches, optimizer and schedule around a prepared model."""
+def create_accelerator(preset: Preset) -> Any:
+    """The accelerate state of this process (joins the process group when launched on several)."""
     from accelerate import Accelerator
 
-    train = preset.train
+    precision = preset.train.mixed_precision
     refuse_unsupported_launch()
     try:
-        accelerator = Accelerator(mixed_precision=train.mixed_precision)
+        return Accelerator(mixed_precision=precision)
     except (ValueError, RuntimeError) as exc:
-        raise PresetError(f"train.mixed_precision: {train.mixed_precision} is not available here ({exc})") from None
+        raise PresetError(f"train.mixed_precision: {precision} is not available here ({exc})") from None
+
+
+def build_session(
+    preset: Preset,
+    paths: RunPaths,
+    base: LoadedBase,
+    adapter: InjectedAdapter,
+    data: TrainingData,
+    accelerator: Any = None,
+) -> TrainingSession:
+    """Wire up accelerate (a new one unless given), caches, optimizer and schedule around a prepared model."""
+    train = preset.train
+    accelerator = accelerator or create_accelerator(preset)
     device = accelerator.device
     for module in (base.vae, *base.text_encoders.values()):
         module.to(device)

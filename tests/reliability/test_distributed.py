@@ -51,3 +51,19 @@ def test_checkpoint_from_two_processes_resumes_on_one(write_preset, tmp_path: Pa
     assert_same_updates(tmp_path / "ref" / "lora.safetensors", tmp_path / "run" / "lora.safetensors")
     changed = run_cli(str(preset), "--no-progress", "--resume", "--set", "train.batch_size=3", "--set", "train.steps=6")
     assert changed.returncode == 2 and "train.batch_size" in changed.stderr
+
+
+def test_two_processes_share_generated_prior_images_and_overwrite_a_run(write_preset, tmp_path: Path) -> None:
+    """The main process draws the class images first and the other reads them (both drawing into one folder
+    crashed one run in three); with --overwrite only the main process clears the earlier run."""
+    preset = write_preset(
+        train={"steps": 1, "batch_size": 1},
+        prior={"prompts": ["a shape"], "images_per_prompt": 2, "steps": 2},
+        output={"dir": str(tmp_path / "run")},
+    )
+    for extra in ((), ("--overwrite",)):
+        result = torchrun(2, str(preset), "--no-progress", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        generated = list((tmp_path / "run" / "prior").glob("*/prior_*.png"))
+        assert len(generated) == 2
+        assert not list((tmp_path / "run").rglob(".*.tmp"))
