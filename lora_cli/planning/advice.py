@@ -113,9 +113,7 @@ def _checkpointing(settings: PlanSettings, device: str) -> Iterator[Option]:
 
 def _sharding(settings: PlanSettings, device: str) -> Iterator[Option]:
     """FSDP over the processes: the same result, more transfers; not with what it cannot shard."""
-    compatible = (
-        settings.quantize == "none" and settings.optimizer != "adamw8bit" and settings.mixed_precision != "fp16"
-    )
+    compatible = settings.quantize == "none" and settings.optimizer == "adamw" and settings.mixed_precision != "fp16"
     if settings.processes > 1 and not settings.sharded and compatible:
         yield {"distributed.strategy": "fsdp"}, replace(settings, sharded=True)
 

@@ -37,10 +37,11 @@ def check_processes_agree(session: TrainingSession, tensors: AdapterTensors) -> 
     accelerator = session.accelerator
     if accelerator.num_processes == 1:
         return
-    flat = torch.cat([tensors[key][name].detach().double().flatten() for key in sorted(tensors)
+    device = accelerator.device  # the weights are there; `alpha` values are made on the CPU
+    flat = torch.cat([tensors[key][name].detach().to(device, torch.float64).flatten() for key in sorted(tensors)
                       for name in sorted(tensors[key])])  # fmt: skip
-    positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-    digest = torch.stack([flat.sum(), (flat * positions).sum(), flat.abs().max()]).to(accelerator.device)
+    positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=device)
+    digest = torch.stack([flat.sum(), (flat * positions).sum(), flat.abs().max()])
     gathered = accelerator.gather(digest[None]).reshape(accelerator.num_processes, -1)
     if not all(torch.equal(row, gathered[0]) for row in gathered):
         raise LoraCliError(

@@ -67,6 +67,7 @@ def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
     accelerator, train = session.accelerator, session.preset.train
     accumulation = train.gradient_accumulation
     total = 0.0
+    bad_loss: float | None = None
     for index in range(accumulation):
         items = session.next_batch()
         # Gradients are only averaged on the last micro-batch (DDP, FSDP); earlier ones accumulate locally.
@@ -74,10 +75,14 @@ def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
         sync = contextlib.nullcontext() if last else gradient_sync_paused(accelerator, session.denoiser)
         with sync:
             loss = micro_batch_loss(session, items)
-            if _on_any_process(accelerator, not torch.isfinite(loss)):  # every process decides alike
-                return _skip_or_stop(session, "loss", loss.item())
+            if bad_loss is None and not torch.isfinite(loss):
+                bad_loss = loss.item()
+            # Even a non-finite loss goes through backward: the last micro-batch then moves every pending
+            # gradient (FSDP keeps unsynchronised ones outside the parameters) to where zero_grad clears them.
             accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
+    if _on_any_process(accelerator, bad_loss is not None):  # every process decides alike
+        return _skip_or_stop(session, "loss", math.nan if bad_loss is None else bad_loss)
 
     average_text_encoder_gradients(session)
     params = [p for group in session.optimizer.param_groups for p in group["params"]]

@@ -1,14 +1,19 @@
 """Prior preservation (DreamBooth-style regularisation): class images from a folder or drawn by the base.
 
-Generated images are written once under `output.dir/prior/<key>/` as PNG + caption pairs, keyed by the base
-fingerprint and the generation settings, so later runs reuse them and `lora-check-dataset` can inspect them.
+Generated images are drawn by every process (a share each) and written once, by the main process, under
+`output.dir/prior/<key>/` as PNG + caption pairs, keyed by the base fingerprint and the generation settings,
+so later runs reuse them and `lora-check-dataset` can inspect them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from datasets_tools.scan import DatasetItem, scan_folder
 from lora_cli.config.schema import Preset
@@ -19,8 +24,11 @@ from lora_cli.models.base import LoadedBase
 COMPLETE_MARKER = "prior.json"
 
 
-def prior_items(preset: Preset, base: LoadedBase, run_root: Path, generate: bool) -> list[DatasetItem]:
-    """Class images for the run; generation is skipped (and counted as planned) when `generate` is False."""
+def prior_items(
+    preset: Preset, base: LoadedBase, run_root: Path, generate: bool, accelerator: Any = None
+) -> list[DatasetItem]:
+    """Class images for the run; generation is skipped (and counted as planned) when `generate` is False.
+    With an `accelerator`, every process draws a share of the images and the main process writes them all."""
     prior = preset.prior
     items: list[DatasetItem] = []
     if prior.folder is not None:
@@ -30,7 +38,7 @@ def prior_items(preset: Preset, base: LoadedBase, run_root: Path, generate: bool
         if not (folder / COMPLETE_MARKER).is_file():
             if not generate:
                 return items
-            _generate(preset, base, folder)
+            _generate(preset, base, folder, accelerator)
         items += _scan(folder, [".txt"])
     return items
 
@@ -50,26 +58,41 @@ def generated_folder(preset: Preset, base: LoadedBase, run_root: Path) -> Path:
     return run_root / "prior" / key
 
 
-def _generate(preset: Preset, base: LoadedBase, folder: Path) -> None:
+def _generate(preset: Preset, base: LoadedBase, folder: Path, accelerator: Any) -> None:
     from lora_cli.sampling import generate_images
 
     prior = preset.prior
     prompts = [prompt for prompt in prior.prompts for _ in range(prior.images_per_prompt)]
-    seeds = [prior.seed + i for i in range(len(prompts))]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(range(rank, len(prompts), world))  # image i is drawn from seed prior.seed + i on any process
     images = generate_images(
         base.architecture.build_pipeline(base),
-        prompts,
-        seeds,
+        [prompts[i] for i in mine],
+        [prior.seed + i for i in mine],
         prior.steps,
         prior.guidance_scale,
         "",
         preset.data.resolution,
     )
-    with atomic_directory(folder) as tmp:
-        for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-            image.save(tmp / f"prior_{index:05d}.png")
-            (tmp / f"prior_{index:05d}.txt").write_text(prompt + "\n", encoding="utf-8")
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"prompts": prior.prompts, "count": len(prompts)}))
+    drawn = [(index, _png(image)) for index, image in zip(mine, images, strict=True)]
+    if accelerator is not None and world > 1:
+        from accelerate.utils import gather_object
+
+        drawn = gather_object(drawn)
+    if rank == 0:
+        with atomic_directory(folder) as tmp:
+            for index, png in sorted(drawn):
+                (tmp / f"prior_{index:05d}.png").write_bytes(png)
+                (tmp / f"prior_{index:05d}.txt").write_text(prompts[index] + "\n", encoding="utf-8")
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"prompts": prior.prompts, "count": len(prompts)}))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the others read what the main process wrote
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _scan(folder: Path, caption_extensions: list[str]) -> list[DatasetItem]:

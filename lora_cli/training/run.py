@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -59,8 +58,7 @@ def train(
         if accelerator.is_main_process:
             remove_stale_temporaries(paths)
         accelerator.wait_for_everyone()
-    main_first = accelerator.main_process_first if accelerator else contextlib.nullcontext
-    base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run, main_first=main_first)
+    base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run, accelerator=accelerator)
     if "quantization" in base.pipeline_extras:
         console.print(base.pipeline_extras["quantization"].line(), highlight=False)
     if dry_run:

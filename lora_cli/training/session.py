@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,19 +106,14 @@ def _stop_on_errors(report: Report, folder: str) -> Report:
 
 
 def prepare_model(
-    preset: Preset,
-    scan: Report,
-    generate_prior: bool = True,
-    main_first: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    preset: Preset, scan: Report, generate_prior: bool = True, accelerator: Any = None
 ) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
-    """Load the frozen base, gather prior images (drawn by the base before any adapter exists), inject the
-    adapter and index the data. Shared by training and --dry-run (which generates nothing). On several
-    processes `main_first` lets the main process generate the prior images before the others read them."""
+    """Load the frozen base, gather prior images (drawn by the base before any adapter exists, shared among the
+    `accelerator`'s processes), inject the adapter and index the data. Shared by training and --dry-run (which
+    generates nothing)."""
     base = load_base(preset.model)
-    prior = []
-    if preset.prior.enabled:
-        with main_first():
-            prior = prior_items(preset, base, run_paths(preset).root, generate_prior)
+    root = run_paths(preset).root
+    prior = prior_items(preset, base, root, generate_prior, accelerator) if preset.prior.enabled else []
     settings = preset.data
     data = TrainingData.build(
         scan.items, settings.resolution, settings.repeats, prior, preset.prior.weight, settings.frames, settings.fps

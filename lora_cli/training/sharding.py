@@ -48,10 +48,10 @@ def wants_sharding(preset: Preset, accelerator: Any) -> bool:
             )
         if preset.train.mixed_precision == "fp16":
             raise PresetError("train.mixed_precision: fp16 is not supported with FSDP; use bf16")
-        if preset.train.optimizer == "adamw8bit":
+        if preset.train.optimizer != "adamw":
             raise PresetError(
-                "train.optimizer: adamw8bit cannot step sharded parameters; use adamw (FSDP already splits the "
-                "optimizer state across the processes)"
+                f"train.optimizer: {preset.train.optimizer} cannot step sharded parameters (it needs whole tensors: "
+                "8-bit blocks, Prodigy's step size); use adamw — FSDP already splits its state across the processes"
             )
         return True
     return False

@@ -13,10 +13,11 @@ TRAIN = "from lora_cli.cli.train import main; main()"
 ACCELERATE_CONFIGS = Path(__file__).parents[2] / "presets" / "accelerate"
 
 
-def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`lora-train ARGS` on several processes, as ../shared/ENVIRONMENT-NOTES.md says gives real DDP on CPU."""
+def torchrun(processes: int, *args: str, code: str = TRAIN) -> subprocess.CompletedProcess:
+    """`lora-train ARGS` (or other Python `code` that ends in it) on several processes, as
+    ../shared/ENVIRONMENT-NOTES.md says gives real DDP on CPU."""
     command = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--standalone"]
-    command += ["--nproc_per_node", str(processes), sys.executable, "-c", TRAIN, *args]
+    command += ["--nproc_per_node", str(processes), sys.executable, "-c", code, *args]
     return _run(command)
 
 

@@ -18,7 +18,7 @@ from lora_cli.errors import PresetError
 from lora_cli.planning import parse_size
 from lora_cli.training.sharding import refuse_unsupported_launch, wants_sharding
 from tests.conftest import run_cli
-from tests.reliability.launch import accelerate_launch, assert_same_updates, torchrun
+from tests.reliability.launch import TRAIN, accelerate_launch, assert_same_updates, torchrun
 
 
 def losses(run: Path) -> list[float]:
@@ -113,12 +113,46 @@ def test_accelerate_fsdp_config_shards_a_dit_and_every_process_draws_previews(tm
     assert previews == ["before-after.png", "step-000000.png", "step-000003.png"]
 
 
+NAN_ON_FOURTH_MICRO_BATCH = (
+    """
+import lora_cli.training.loop as loop
+original, calls = loop.micro_batch_loss, []
+def nan_on_fourth(session, samples):
+    calls.append(1)
+    loss = original(session, samples)
+    return loss * float("nan") if len(calls) == 4 else loss
+loop.micro_batch_loss = nan_on_fourth
+"""
+    + TRAIN
+)
+
+
+def test_a_skipped_step_leaves_no_gradient_behind_under_fsdp(write_preset, tmp_path: Path) -> None:
+    """Step 2's last micro-batch has a NaN loss and is skipped (train.skip_nonfinite). Its first micro-batch's
+    gradient, which FSDP holds outside the parameters while synchronisation is paused, must not reach step 3:
+    the sharded run ends where DDP ends."""
+    preset = write_preset(train={"steps": 3, "batch_size": 1, "gradient_accumulation": 2, "skip_nonfinite": 1})
+    for strategy in ("ddp", "fsdp"):
+        args = (
+            "--no-progress",
+            "--set",
+            f"output.dir={tmp_path / strategy}",
+            "--set",
+            f"distributed.strategy={strategy}",
+        )
+        result = torchrun(2, str(preset), *args, code=NAN_ON_FOURTH_MICRO_BATCH)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((tmp_path / strategy / "metrics.jsonl").read_text().splitlines()[-1])["skipped"] == 1
+    assert_same_updates(tmp_path / "ddp" / "lora.safetensors", tmp_path / "fsdp" / "lora.safetensors")
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("model.quantize=nf4", "model.quantize: nf4"),
         ("train.mixed_precision=fp16", "train.mixed_precision: fp16"),
         ("train.optimizer=adamw8bit", "train.optimizer: adamw8bit"),
+        ("train.optimizer=prodigy", "train.optimizer: prodigy"),
     ],
 )
 def test_settings_fsdp_cannot_shard_are_refused(tmp_path: Path, override: str, message: str) -> None:
