@@ -279,8 +279,8 @@ class DistributedSection(Section):
         "ddp",
         description="`ddp`: every process holds the whole base and gradients are averaged. `fsdp`: the denoiser's "
         "frozen weights, adapter, gradients and optimizer state are sharded across the processes (torch FSDP2, "
-        "one unit per block), for bases that do not fit one GPU; not with `model.quantize`, fp16, `adamw8bit` or `prodigy`. "
-        "An accelerate config with FSDP selects it too.",
+        "one unit per block), for bases that do not fit one GPU; not with `model.quantize`, fp16, `adamw8bit` or "
+        "`prodigy`. An accelerate config with FSDP selects it too.",
     )
     reshard_after_forward: bool = Field(
         True,
