@@ -9,6 +9,7 @@ from collections.abc import Callable
 from lora_cli.errors import LoraCliError
 
 DEBUG_VARIABLE = "LORA_CLI_DEBUG"
+OUT_OF_MEMORY_EXIT = 4
 
 
 def run_app(app: Callable[..., object], prog_name: str) -> None:
@@ -24,3 +25,19 @@ def run_app(app: Callable[..., object], prog_name: str) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if os.environ.get(DEBUG_VARIABLE) or not _out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"error: out of GPU memory ({first}); `lora-train PRESET --plan --vram SIZE` proposes settings that fit "
+            "(docs/memory-planner.md)",
+            file=sys.stderr,
+        )
+        sys.exit(OUT_OF_MEMORY_EXIT)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    import torch  # already imported by any command that can run out of memory
+
+    return isinstance(exc, torch.OutOfMemoryError)

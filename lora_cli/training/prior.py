@@ -64,6 +64,9 @@ def _generate(preset: Preset, base: LoadedBase, folder: Path, accelerator: Any) 
     prior = preset.prior
     prompts = [prompt for prompt in prior.prompts for _ in range(prior.images_per_prompt)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator is not None:  # draw on the GPU; training moves the modules there next anyway
+        for module in (base.denoiser, base.vae, *base.text_encoders.values()):
+            module.to(accelerator.device)
     mine = list(range(rank, len(prompts), world))  # image i is drawn from seed prior.seed + i on any process
     images = generate_images(
         base.architecture.build_pipeline(base),

@@ -157,3 +157,30 @@ def test_isolated_non_finite_batches_are_skipped_when_allowed(write_preset, tmp_
     lines = [json.loads(line) for line in (tmp_path / "skipping" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4] and lines[-1]["skipped"] == 1 and "skipped" not in lines[0]
     assert all(torch.isfinite(t).all() for t in load_file(adapter).values())
+
+
+def test_out_of_gpu_memory_is_one_line_pointing_at_the_planner(write_preset, tmp_path, monkeypatch, capsys) -> None:
+    """torch's OutOfMemoryError at step 3 (raised here by a stand-in for the loss): one line with exit code 4
+    and the planner to ask; the checkpoints written before are intact."""
+    from lora_cli.cli.errors import run_app
+    from lora_cli.cli.train import app
+    from lora_cli.training import loop
+
+    real_loss, calls = loop.micro_batch_loss, []
+
+    def loss_until_memory_runs_out(session, samples):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 11.76 GiB total)")
+        return real_loss(session, samples)
+
+    monkeypatch.setattr(loop, "micro_batch_loss", loss_until_memory_runs_out)
+    monkeypatch.setattr(sys, "argv", ["lora-train", str(write_preset(output={"save_every": 1})), "--no-progress"])
+    with pytest.raises(SystemExit) as stopped:
+        run_app(app, "lora-train")
+    assert stopped.value.code == 4
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "lora-train PRESET --plan --vram SIZE" in message
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in saved] == ["step-000001", "step-000002"] and load_checkpoint(saved[-1])
