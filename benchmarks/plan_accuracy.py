@@ -129,32 +129,12 @@ def build_mid_flux(folder: Path) -> Path:
 def build_mid_wan(folder: Path) -> Path:
     """A Wan-layout text-to-video pipeline 512 wide (8 heads of 64), 4 blocks, UMT5 text, and a causal video VAE in
     Wan 2.1's layout (two ResNets per level, widths 32/64/128/128)."""
-    import torch
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from lora_cli.toy.tiny_dits import build_tiny_wan
 
-    from lora_cli.toy.tiny_dits import t5_tokenizer
-
-    tokenizer = t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=256, d_ff=512, d_kv=64, num_layers=2, num_heads=4)
-    )
-    vae = AutoencoderKLWan(
-        base_dim=32, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    return build_tiny_wan(
+        folder, heads=8, head_dim=64, blocks=4, ffn_dim=2048, text_width=256, rope_length=1024, vae_width=32,
+        vae_mult=(1, 2, 4, 4), vae_resnets=2,
     )  # fmt: skip
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=4,
-        text_dim=256, freq_dim=256, ffn_dim=2048, num_layers=4, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
-    )  # fmt: skip
-    pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )  # fmt: skip
-    pipe.save_pretrained(folder)
-    return folder
 
 
 def build_models(root: Path, full_size: bool) -> dict[str, str]:

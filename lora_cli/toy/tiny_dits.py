@@ -149,9 +149,22 @@ def build_tiny_pixart(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny Wan-2.x-shaped text-to-video pipeline: UMT5 text, a causal video VAE (8x space, 4x time) and a
-    two-block WanTransformer3DModel over 1x2x2 patches."""
+def build_tiny_wan(
+    folder: str | Path,
+    seed: int = 0,
+    heads: int = 2,
+    head_dim: int = 16,
+    blocks: int = 2,
+    ffn_dim: int = 64,
+    text_width: int = 32,
+    rope_length: int = 32,
+    vae_width: int = 8,
+    vae_mult: tuple[int, ...] = (1, 2, 2, 2),
+    vae_resnets: int = 1,
+) -> Path:
+    """A small Wan-2.x-shaped text-to-video pipeline: a UMT5 encoder `text_width` wide, a causal video VAE (8x
+    space, 4x time; widths `vae_width` x `vae_mult`, `vae_resnets` ResNets per level) and a WanTransformer3DModel
+    of `blocks` blocks of `heads` x `head_dim` over 1x2x2 patches. The defaults are tiny."""
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -159,17 +172,21 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     tokenizer = t5_tokenizer()
     torch.manual_seed(seed)
+    text_heads = max(2, text_width // 64)
     text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2)
-    )
+        UMT5Config(
+            vocab_size=len(tokenizer), d_model=text_width, d_ff=2 * text_width, d_kv=text_width // text_heads,
+            num_layers=2, num_heads=text_heads,
+        )
+    )  # fmt: skip
     vae = AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+        base_dim=vae_width, z_dim=4, dim_mult=list(vae_mult), num_res_blocks=vae_resnets, attn_scales=[],
         temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.0, 0.2], latents_std=[1.5, 0.8, 1.0, 1.2],
     )  # fmt: skip
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        text_dim=text_width, freq_dim=text_width, ffn_dim=ffn_dim, num_layers=blocks, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=rope_length,
     )  # fmt: skip
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
