@@ -291,6 +291,13 @@ def test_fsdp_plan_splits_the_denoiser_and_its_adapter(write_preset, tmp_path: P
     assert [updates for updates, _ in _sharding(ddp, "cuda")] == [{"distributed.strategy": "fsdp"}]
     assert not list(_sharding(single, "cuda")) and not list(_sharding(replace(ddp, quantize="nf4"), "cuda"))
     assert not list(_optimizer(fsdp, "cuda")) and not list(_quantization(fsdp, "cuda"))
+    # A plan for a sharded run that training would refuse is refused with the same line.
+    from lora_cli.planning.report import plan_report
+
+    refused = load_preset(write_preset(model={"path": str(flux), "quantize": "nf4"}, distributed={"strategy": "fsdp"}))
+    with pytest.raises(PresetError, match="FSDP cannot shard a quantized base"):
+        plan_report(refused, processes=2)
+    assert "GPU memory peak" in plan_report(refused)  # one process: nothing to shard
 
 
 def test_lora_train_plan_on_a_video_dit(tiny_dits, write_preset, tmp_path: Path) -> None:

@@ -365,3 +365,21 @@ class Preset(Section):
         if self.data.resolution % 8:
             raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")
         return self
+
+
+def fsdp_conflict(quantize: str, mixed_precision: str, optimizer: str) -> str | None:
+    """Why FSDP (`distributed.strategy: fsdp` on several processes) cannot shard a run with these settings, with
+    the fix; None when it can. Training refuses such runs and the memory planner neither plans nor proposes them."""
+    if quantize != "none":
+        return (
+            f"FSDP cannot shard a quantized base (model.quantize: {quantize}); set model.quantize: none and "
+            "model.dtype: bfloat16 to shard it, or train the quantized base with DDP"
+        )
+    if mixed_precision == "fp16":
+        return "train.mixed_precision: fp16 is not supported with FSDP; use bf16"
+    if optimizer != "adamw":
+        return (
+            f"train.optimizer: {optimizer} cannot step sharded parameters (it needs whole tensors: 8-bit blocks, "
+            "Prodigy's step size); use adamw — FSDP already splits its state across the processes"
+        )
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from lora_cli.config.schema import fsdp_conflict
 from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory
 from lora_cli.planning.inventory import BaseInventory
 from lora_cli.planning.units import format_size
@@ -113,8 +114,8 @@ def _checkpointing(settings: PlanSettings, device: str) -> Iterator[Option]:
 
 def _sharding(settings: PlanSettings, device: str) -> Iterator[Option]:
     """FSDP over the processes: the same result, more transfers; not with what it cannot shard."""
-    compatible = settings.quantize == "none" and settings.optimizer == "adamw" and settings.mixed_precision != "fp16"
-    if settings.processes > 1 and not settings.sharded and compatible:
+    conflict = fsdp_conflict(settings.quantize, settings.mixed_precision, settings.optimizer)
+    if settings.processes > 1 and not settings.sharded and conflict is None:
         yield {"distributed.strategy": "fsdp"}, replace(settings, sharded=True)
 
 

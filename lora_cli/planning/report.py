@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lora_cli.config.schema import fsdp_conflict
+from lora_cli.errors import PresetError
 from lora_cli.planning.advice import Advice, Budget, advise
 from lora_cli.planning.estimate import MemoryPlan, Part, PlanSettings, estimate_memory
 from lora_cli.planning.inventory import read_inventory
@@ -18,8 +20,11 @@ def plan_report(
 ) -> str:
     """What `lora-train --plan` prints: the GPU plan, the CPU-only RAM peak, and with budgets the changes
     that make the GPU run fit; per process when `processes` train together."""
-    inventory = read_inventory(preset.model)
     settings = PlanSettings.from_preset(preset, images, processes)
+    conflict = fsdp_conflict(settings.quantize, settings.mixed_precision, settings.optimizer)
+    if settings.sharded and conflict:  # the run would be refused: no figures for it
+        raise PresetError(conflict)
+    inventory = read_inventory(preset.model)
     plan = estimate_memory(inventory, settings, "cuda")
     cpu = estimate_memory(inventory, settings, "cpu")
     lines = [format_plan(plan), f"Training on the CPU only instead: RAM peak {format_size(cpu.peak_ram_bytes)}"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lora_cli.config.schema import Preset
+from lora_cli.config.schema import Preset, fsdp_conflict
 from lora_cli.errors import PresetError
 from lora_cli.models import LoadedBase
 from lora_cli.planning.units import format_size
@@ -39,22 +39,12 @@ def wants_sharding(preset: Preset, accelerator: Any) -> bool:
     """FSDP is asked for by the preset (`distributed.strategy: fsdp`) or by the accelerate config; it only
     applies on several processes. Settings it cannot shard are refused here."""
     from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # set by `accelerate launch`
-    requested = preset.distributed.strategy == "fsdp" or from_accelerate
-    if requested and accelerator.num_processes > 1:
-        if preset.model.quantize != "none":
-            raise PresetError(
-                f"FSDP cannot shard a quantized base (model.quantize: {preset.model.quantize}); set model.quantize: "
-                "none and model.dtype: bfloat16 to shard it, or train the quantized base with DDP"
-            )
-        if preset.train.mixed_precision == "fp16":
-            raise PresetError("train.mixed_precision: fp16 is not supported with FSDP; use bf16")
-        if preset.train.optimizer != "adamw":
-            raise PresetError(
-                f"train.optimizer: {preset.train.optimizer} cannot step sharded parameters (it needs whole tensors: "
-                "8-bit blocks, Prodigy's step size); use adamw — FSDP already splits its state across the processes"
-            )
-        return True
-    return False
+    if not (preset.distributed.strategy == "fsdp" or from_accelerate) or accelerator.num_processes == 1:
+        return False
+    conflict = fsdp_conflict(preset.model.quantize, preset.train.mixed_precision, preset.train.optimizer)
+    if conflict:
+        raise PresetError(conflict)
+    return True
 
 
 def shard_denoiser(base: LoadedBase, reshard_after_forward: bool, device: torch.device, processes: int) -> None:
