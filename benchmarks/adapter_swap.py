@@ -37,10 +37,10 @@ def random_adapter(base, kind: str, path: Path, seed: int, targets: str, rank: i
     """A trained-looking adapter: peft layers injected with random weights, saved like lora-train does."""
     import torch
 
+    from lora_cli.adapters.files import write_adapter
     from lora_cli.adapters.injection import inject_spec
     from lora_cli.adapters.registry import AdapterSpec
     from lora_cli.adapters.targets import resolve_targets
-    from lora_cli.io.adapter_file import save_adapter
 
     unet = type(base.denoiser).from_config(base.denoiser.config)  # a scratch copy; the base stays clean
     patterns = base.architecture.target_presets[targets]
@@ -49,8 +49,7 @@ def random_adapter(base, kind: str, path: Path, seed: int, targets: str, rank: i
     generator = torch.Generator().manual_seed(seed)
     for param in adapter.parameters("unet"):
         param.data = 0.01 * torch.randn(param.shape, generator=generator)
-    table = base.architecture.kohya_table
-    save_adapter(path, adapter.tensors(), adapter.ranks(), adapter.algorithm, "kohya", table, {})
+    write_adapter(path, adapter.tensors(), adapter.ranks(), adapter.algorithm, "kohya", base.architecture, {})
 
 
 def main() -> None:
@@ -85,10 +84,9 @@ def main() -> None:
         for i, (lora, other) in enumerate(zip(loras, others, strict=True)):
             random_adapter(base, "lora", lora, seed=i, targets=args.targets)
             random_adapter(base, mixed[i % len(mixed)], other, seed=100 + i, targets=args.targets)
-        table = base.architecture.kohya_table
-        bypass = switch_times(BypassSwitcher(base.trainable_components(), table), loras, args.repeats)
+        bypass = switch_times(base, BypassSwitcher(base.trainable_components()), loras, args.repeats)
         base, _ = load_pipeline(args.base)
-        patching = switch_times(WeightPatcher(base.trainable_components(), table), others, args.repeats)
+        patching = switch_times(base, WeightPatcher(base.trainable_components()), others, args.repeats)
     load = statistics.median(loads)
     print(
         f"base {args.base}: {sum(p.numel() for p in base.denoiser.parameters()):,} UNet parameters, "
@@ -100,9 +98,15 @@ def main() -> None:
     scratch.cleanup()
 
 
-def switch_times(switcher, paths: list[Path], repeats: int) -> float:
+def switch_times(base, switcher, paths: list[Path], repeats: int) -> float:
     """Median seconds to make each adapter the active one, cycling through all of them."""
-    files = [switcher.read(path) for path in paths]
+    from lora_cli.adapters.catalog import ModuleCatalog
+    from lora_cli.adapters.files import read_adapter
+
+    catalog = ModuleCatalog.from_components(base.architecture, base.trainable_components())
+    files = [read_adapter(path, catalog) for path in paths]
+    for file in files:
+        switcher.add(file)
     times = []
     for _ in range(repeats):
         for file in files:

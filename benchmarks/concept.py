@@ -51,7 +51,7 @@ def load_pipeline(adapter: Path | None):
 
     base = load_base(ModelSection(path="builtin:shapes"))
     if adapter is not None:
-        load_adapter_file(base.trainable_components(), base.architecture.kohya_table, adapter)
+        load_adapter_file(base.trainable_components(), base.architecture, adapter)
     return base.architecture.build_pipeline(base)
 
 

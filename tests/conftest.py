@@ -22,6 +22,37 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
+TINY_BUILDERS = {
+    "sdxl": "lora_cli.toy.tiny_pipeline:build_tiny_sdxl",
+    "flux": "lora_cli.toy.tiny_dits:build_tiny_flux",
+    "sd3": "lora_cli.toy.tiny_dits:build_tiny_sd3",
+    "pixart": "lora_cli.toy.tiny_dits:build_tiny_pixart",
+    "wan": "lora_cli.toy.tiny_dits:build_tiny_wan",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path):
+    """`tiny_base(name)`: the tiny random-init pipeline of an architecture (`sd` is `tiny_sd`), built once per
+    session on first use and loaded from disk like a user's folder."""
+    from importlib import import_module
+
+    folder, built = tmp_path_factory.mktemp("models"), {"sd": tiny_sd}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            module, function = TINY_BUILDERS[name].split(":")
+            built[name] = getattr(import_module(module), function)(folder / f"tiny-{name}", seed=0)
+        return built[name]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_base) -> Path:
+    return tiny_base("sdxl")
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lora_cli.toy.shapes import write_dataset
@@ -29,6 +60,14 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "stars"
     write_dataset(folder, [("yellow", "star"), ("red", "circle")], per_pair=3, size=64, seed=1)
     return folder
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six captioned 9-frame clips of moving shapes (video files), for video bases."""
+    from lora_cli.toy.tiny_dits import write_clips
+
+    return write_clips(tmp_path_factory.mktemp("data") / "clips", count=6, frames=9)
 
 
 @pytest.fixture
@@ -56,6 +95,28 @@ def run_command(module: str, *args: str, entry: str = "main") -> subprocess.Comp
     """Run a lora-cli command exactly as a user does: a fresh process calling its console entry point."""
     command = [sys.executable, "-c", f"from lora_cli.cli.{module} import {entry}; {entry}()", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def invoke(module: str, *args: str, entry: str = "main") -> subprocess.CompletedProcess:
+    """Run a lora-cli command in this process (no interpreter start-up, so cheap enough for large test grids):
+    its exit code, stdout and stderr, exactly as `main()` produces them. An exception that escapes `main()`
+    (a traceback for the user) propagates and fails the test."""
+    import contextlib
+    import importlib
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    argv = sys.argv
+    sys.argv = [f"lora-{module}", *args]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            getattr(importlib.import_module(f"lora_cli.cli.{module}"), entry)()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -108,9 +169,38 @@ def fixed_batch_losses(
     return before, fixed_loss()
 
 
-def diffusers_image(model: Path, adapter: Path | None, prompt: str, seed: int):
-    """What diffusers itself draws (its own pipeline and `load_lora_weights`): an int16 RGB array, 64 px,
-    3 steps, guidance 7.5 (the same settings the tests give lora-sample)."""
+def read_for_base(adapter: Path, base: Path | str):
+    """An adapter file read against a base as every lora-cli command reads it."""
+    from lora_cli.adapters.catalog import ModuleCatalog
+    from lora_cli.adapters.files import read_adapter
+    from lora_cli.models.weights import open_base_weights
+
+    with open_base_weights(str(base), "base") as weights:
+        return read_adapter(adapter, ModuleCatalog.from_weights(weights))
+
+
+def base_weights(base: Path | str):
+    """The stored tensors of a (non-pickle) base, as the toolbox commands see them."""
+    from lora_cli.models.weights import open_base_weights
+
+    with open_base_weights(str(base), "base") as weights:
+        return weights
+
+
+def diffusers_image(
+    model: Path,
+    adapter: Path | None,
+    prompt: str,
+    seed: int,
+    text_tokens: int | None = None,
+    steps: int | None = 3,
+    guidance_scale: float | None = 7.5,
+):
+    """What diffusers itself draws (its own pipeline and `load_lora_weights`): an int16 RGB array, 64 px, by
+    default 3 steps and guidance 7.5 (the settings the tests give lora-sample); None takes the pipeline's
+    default. `text_tokens` is the T5 sequence length for pipelines that take one."""
+    from inspect import signature
+
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline
@@ -121,13 +211,15 @@ def diffusers_image(model: Path, adapter: Path | None, prompt: str, seed: int):
     pipe.set_progress_bar_config(disable=True)
     if adapter is not None:
         pipe.load_lora_weights(str(adapter))
+    options = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+    if text_tokens is not None and "max_sequence_length" in signature(pipe.__call__).parameters:
+        options["max_sequence_length"] = text_tokens
     image = pipe(
         prompt,
-        num_inference_steps=3,
         height=64,
         width=64,
-        guidance_scale=7.5,
         generator=torch.Generator().manual_seed(seed),
+        **{key: value for key, value in options.items() if value is not None},
     ).images[0]
     return np.asarray(image, dtype=np.int16)
 

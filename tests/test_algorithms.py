@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_cli.adapters.catalog import ModuleCatalog
+from lora_cli.adapters.files import read_adapter, write_adapter
 from lora_cli.adapters.functional import merged_weight
 from lora_cli.adapters.injection import InjectedAdapter, inject_spec
-from lora_cli.adapters.loading import load_adapter_file
+from lora_cli.adapters.loading import inject_adapter_file
 from lora_cli.adapters.registry import AdapterSpec
-from lora_cli.io.adapter_file import read_adapter, save_adapter
-from lora_cli.io.keys import KohyaComponent, kohya_module_index
+from lora_cli.models.stable_diffusion import StableDiffusion
 
-TABLE = {"unet": KohyaComponent("lora_unet_")}
+ARCHITECTURE = StableDiffusion()  # its UNet's kohya names: `lora_unet_` + the module path
 CASES = [
     ("lora", False),
     ("locon", False),
@@ -66,11 +67,10 @@ def plain_forward(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> to
 
 def exported(adapter: InjectedAdapter, tmp_path: Path) -> dict:
     path = tmp_path / "adapter.safetensors"
-    save_adapter(path, adapter.tensors(), adapter.ranks(), adapter.algorithm, "kohya", TABLE, {})
-    index = kohya_module_index({"unet": ["linear", "conv", "wide"]}, TABLE)
-    algorithm, tensors, _ = read_adapter(path, index)
-    assert algorithm.name == ("lora" if adapter.algorithm.name == "locon" else adapter.algorithm.name)
-    return {module: named for (_, module), named in tensors.items()}
+    write_adapter(path, adapter.tensors(), adapter.ranks(), adapter.algorithm, "kohya", ARCHITECTURE, {})
+    file = read_adapter(path, ModuleCatalog.from_components(ARCHITECTURE, {"unet": Layers()}))
+    assert file.algorithm.name == ("lora" if adapter.algorithm.name == "locon" else adapter.algorithm.name)
+    return {module: named for (_, module), named in file.tensors.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -113,10 +113,11 @@ def test_merge_then_unmerge_restores_the_base(algorithm, dora) -> None:
 def test_save_then_load_reproduces_outputs(algorithm, dora, tmp_path: Path) -> None:
     adapter = adapted(algorithm, dora, torch.float32)
     path = tmp_path / "adapter.safetensors"
-    save_adapter(path, adapter.tensors(), adapter.ranks(), adapter.algorithm, "kohya", TABLE, {})
+    write_adapter(path, adapter.tensors(), adapter.ranks(), adapter.algorithm, "kohya", ARCHITECTURE, {})
     torch.manual_seed(0)
-    fresh = Layers().requires_grad_(False)
-    loaded = load_adapter_file({"unet": fresh}, TABLE, path)
+    components = {"unet": Layers().requires_grad_(False)}
+    file = read_adapter(path, ModuleCatalog.from_components(ARCHITECTURE, components))
+    loaded = inject_adapter_file(components, file)
     trained = adapter.components["unet"].eval()
     for name in ("linear", "conv", "wide"):
         x = inputs(name, torch.float32)

@@ -11,17 +11,9 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
 
-from lora_cli.merging import merge_adapters
-from lora_cli.models.weights import open_base_weights
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import diffusers_image, fixed_batch_losses, train_preset
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_cli.toy.tiny_pipeline import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+from lora_cli.toolbox.merge import merge_adapters
+from tests.conftest import base_weights, diffusers_image, fixed_batch_losses, train_preset
 
 
 @pytest.fixture(scope="session")
@@ -85,21 +77,18 @@ def test_sdxl_merge_into_folder_and_single_file(tiny_sdxl: Path, sdxl_adapter: P
         got, expected = getattr(loaded, component).state_dict(), getattr(reference, component).state_dict()
         assert got.keys() == expected.keys(), component
         assert all(torch.equal(got[k], expected[k]) for k in expected), component
-    from_file, from_folder = open_base_weights(tmp_path / "merged.safetensors"), open_base_weights(merged)
-    assert from_file.shapes == from_folder.shapes
-    for key in from_folder.shapes:
+    from_file, from_folder = base_weights(tmp_path / "merged.safetensors"), base_weights(merged)
+    assert from_file.adaptable_shapes() == from_folder.adaptable_shapes()
+    for key in from_folder.adaptable_shapes():
         assert torch.equal(from_file.read_weight(key), from_folder.read_weight(key)), key
 
 
-DIT_BUILDERS = {"flux": "build_tiny_flux", "sd3": "build_tiny_sd3", "pixart": "build_tiny_pixart"}
+DITS = ("flux", "pixart", "sd3")
 
 
-@pytest.fixture(scope="session", params=sorted(DIT_BUILDERS))
-def tiny_dit(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    from lora_cli.toy import tiny_dits
-
-    build = getattr(tiny_dits, DIT_BUILDERS[request.param])
-    return request.param, build(tmp_path_factory.mktemp("models") / f"tiny-{request.param}", seed=0)
+@pytest.fixture(scope="session", params=DITS)
+def tiny_dit(request, tiny_base) -> tuple[str, Path]:
+    return request.param, tiny_base(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +122,7 @@ def test_dit_adapter_loads_in_diffusers_and_merges(tiny_dit, dit_adapter: Path, 
     base = sample(base_folder, tmp_path / "base", guidance_scale=7.5)
     assert np.abs(ours - base).max() > 10
     if name != "pixart":  # diffusers has no LoRA loader for PixArt; merging below checks the file instead
-        theirs = diffusers_image(base_folder, dit_adapter, "a yellow star", 7)
+        theirs = diffusers_image(base_folder, dit_adapter, "a yellow star", 7, text_tokens=32)
         assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
 
     merged = tmp_path / "merged"
@@ -156,3 +145,28 @@ def test_dit_text_encoder_adapters_cover_the_encoders_the_community_trains(tiny_
     components = {key.split(".")[0] for key in load_file(train_preset(raw, name))}
     architecture = next(a for a in ARCHITECTURES if a.name == {"sd3": "stable-diffusion-3"}.get(name, name))
     assert components == {"transformer", *architecture.trained_text_encoders}  # Flux/SD3 leave T5 frozen
+
+
+def test_flux_samples_with_its_pipelines_defaults_and_the_adapters_token_limit(tiny_base, shapes_data, tmp_path) -> None:
+    """Without --steps/--guidance, lora-sample draws a Flux base as diffusers' FluxPipeline does by default
+    (28 steps, embedded guidance 3.5), with T5 cut to the length the adapter was trained with."""
+    from lora_cli.sampling.png import read_png_parameters
+
+    flux = tiny_base("flux")
+    raw = {
+        "model": {"path": str(flux), "max_text_tokens": 16},
+        "data": {"folder": str(shapes_data), "resolution": 64},
+        "adapter": {"rank": 4, "targets": "attention_ff"},
+        "train": {"steps": 2, "learning_rate": 3e-2, "batch_size": 2},
+        "output": {"dir": str(tmp_path / "run"), "name": "short-t5"},
+    }
+    adapter = train_preset(raw, "short-t5")
+    request = SampleRequest(base=str(flux), out=tmp_path / "s", prompts=["a yellow star"], size=64, seed=7,
+                            adapters=[(adapter, 1.0)])  # fmt: skip
+    drawn = run_sampling(request, Console(quiet=True))[0]
+    params = read_png_parameters(drawn)
+    assert (params["steps"], params["guidance_scale"], params["text_tokens"]) == (28, 3.5, 16)
+    theirs = diffusers_image(flux, adapter, "a yellow star", 7, text_tokens=16, steps=None, guidance_scale=None)
+    assert np.abs(np.asarray(Image.open(drawn), dtype=np.int16) - theirs).max() <= 1
+    full_length = diffusers_image(flux, adapter, "a yellow star", 7, steps=None, guidance_scale=None)
+    assert np.abs(full_length - theirs).max() > 1  # the token limit matters, so the test can tell

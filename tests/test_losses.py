@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from lora_cli.diffusion.losses import min_snr_weights, prediction_target, sample_noise, snr, weighted_mse
 from lora_cli.training.data import prepare_caption
-from lora_cli.training.losses import min_snr_weights, prediction_target, sample_noise, snr, weighted_mse
 
 
 def test_targets_follow_the_prediction_type() -> None:

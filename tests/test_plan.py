@@ -137,7 +137,7 @@ def test_activation_count_matches_what_autograd_saves(targets: str, checkpointin
     layers = adaptable_layers(inventory.layer_shapes("unet"))
     names = select_targets(layers, section, base.architecture.target_presets, [], "unet")
     assert set(names) == set(injected.targets["unet"])
-    query = DenoiserQuery(layers, frozenset(names), 4, "lora", False, 32 * 32, 16)
+    query = DenoiserQuery(layers, frozenset(names), 4, False, False, 32 * 32, 16)
     counted = unet_activations(query)
     elements = counted.checkpointed if checkpointing else counted.saved
     assert 4 * elements == pytest.approx(saved, rel=0.1)
@@ -147,18 +147,9 @@ DITS = ("flux", "sd3", "pixart", "wan")
 
 
 @pytest.fixture(scope="module")
-def tiny_dits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tiny_dits(tiny_base):
     """The tiny DiT pipelines, built on first use (a few seconds each)."""
-    from lora_cli.toy import tiny_dits
-
-    folder, built = tmp_path_factory.mktemp("dits"), {}
-
-    def build(name: str) -> Path:
-        if name not in built:
-            built[name] = getattr(tiny_dits, f"build_tiny_{name}")(folder / name)
-        return built[name]
-
-    return build
+    return tiny_base
 
 
 def _dit_forward(base, latents, text_tokens: int):
@@ -214,7 +205,7 @@ def test_dit_activation_count_matches_what_autograd_saves(tiny_dits, dit: str, t
     names = select_targets(layers, section, base.architecture.target_presets, [], "transformer")
     assert set(names) == set(injected.targets["transformer"])
     image_tokens = shape[2] * 16 * 16 // 4 if dit == "wan" else 32 * 32 // 4  # 2x2 patches
-    query = DenoiserQuery(layers, frozenset(names), 4, "lora", False, image_tokens, text_tokens, vectors)
+    query = DenoiserQuery(layers, frozenset(names), 4, False, False, image_tokens, text_tokens, vectors)
     counted = DIT_MODELS[base.architecture.name].denoiser(query)
     elements = counted.checkpointed if checkpointing else counted.saved
     assert 4 * elements == pytest.approx(saved, rel=0.15)
@@ -393,7 +384,7 @@ def test_single_file_inventory_equals_the_folder(tiny_sd: Path, tmp_path: Path) 
 
 
 def test_unreadable_bases_are_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelLoadError, match="cannot find hub model someone/not-downloaded-model locally or on the hub"):
         read_inventory(ModelSection(path="someone/not-downloaded-model"))
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x02}q\x00.")

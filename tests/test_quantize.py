@@ -83,4 +83,4 @@ def test_adapter_from_a_quantized_base_warns_when_used_on_full_precision(wide_fl
 
 def test_lycoris_algorithms_are_refused_on_a_quantized_base(write_preset) -> None:
     result = run_command("train", str(write_preset(model={"quantize": "nf4"}, adapter={"type": "loha"})))
-    assert result.returncode == 2 and "trains lora/locon adapters only" in result.stderr
+    assert result.returncode == 2 and "trains lora or locon adapters only" in result.stderr

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from lora_cli.sampling.png import read_png_parameters
 from lora_cli.sampling.run import SampleRequest, run_sampling
-from tests.conftest import diffusers_image, run_command, train_preset
+from tests.conftest import diffusers_image, read_for_base, run_command, train_preset
 
 
 def sample_cli(*args: str) -> subprocess.CompletedProcess:
@@ -83,7 +83,7 @@ def test_lycoris_adapters_match_the_peft_layers_they_were_trained_in(
     assert np.abs(base_image - adapted_image).max() > 3
 
     base = load_base(ModelSection(path=str(tiny_sd)))
-    load_adapter_file(base.trainable_components(), base.architecture.kohya_table, adapters[kind])
+    load_adapter_file(base.trainable_components(), base.architecture, adapters[kind])
     bypass = generate_images(base.architecture.build_pipeline(base), ["a yellow star"], [7], 3, 7.5, "", 64)[0]
     assert np.abs(adapted_image - np.asarray(bypass, dtype=np.int16)).max() <= 2
 
@@ -96,7 +96,7 @@ def test_sample_errors_are_one_line(tiny_sd: Path, adapters: dict[str, Path], tm
     cases = [
         (["--adapter", str(tmp_path / "missing.safetensors")], "file not found"),
         (["--adapter", f"{adapters['lora']}:strong"], "the scale after ':' must be a number"),
-        (["--adapter", str(stray)], "match nothing in the base, e.g. lora_unet_nothing_here"),
+        (["--adapter", str(stray)], "none of its 1 layers matches this stable-diffusion base"),
         (["--adapter", str(adapters["lora"]), "--base", "builtin:shapes"], "does not fit this base"),
         (["--scales", "0,x"], "expected comma-separated numbers"),
     ]
@@ -113,7 +113,7 @@ def test_bypass_switching_between_adapters_matches_weight_patching(
     """Two adapters of one algorithm are injected side by side and switched; each column must equal what
     the weight patcher (exact merged weights) draws, and scale 0 / the base column the plain base."""
     from lora_cli.sampling.patcher import WeightPatcher
-    from lora_cli.sampling.switcher import BypassSwitcher, make_switcher
+    from lora_cli.sampling.switcher import uses_bypass
 
     raw = {
         "model": {"path": str(tiny_sd)},
@@ -124,15 +124,21 @@ def test_bypass_switching_between_adapters_matches_weight_patching(
     }
     second = train_preset(raw, "second")
     pair = [(adapters["lora"], 0.8), (second, 1.0)]
-    assert isinstance(make_switcher({}, {}, [p for p, _ in pair]), BypassSwitcher)
-    assert isinstance(make_switcher({}, {}, [adapters["lora"], adapters["loha"]]), WeightPatcher)
+    assert uses_bypass([read_for_base(p, tiny_sd) for p, _ in pair])
+    assert not uses_bypass([read_for_base(adapters[kind], tiny_sd) for kind in ("lora", "loha")])
     common = {"scales": [0.0, 0.8], "compare": True, "images_per_prompt": 2}
     switched = run_sampling(request(tiny_sd, tmp_path / "bypass", adapters=pair, **common), Console(quiet=True))
 
     import lora_cli.sampling.run as sampling_run
 
     original = sampling_run.make_switcher
-    sampling_run.make_switcher = lambda components, table, paths: WeightPatcher(components, table)
+    def patcher(components, files):
+        patching = WeightPatcher(components)
+        for file in files:
+            patching.add(file)
+        return patching
+
+    sampling_run.make_switcher = patcher
     try:
         patched = run_sampling(request(tiny_sd, tmp_path / "patch", adapters=pair, **common), Console(quiet=True))
     finally:

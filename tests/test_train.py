@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import fixed_batch_losses, run_cli
+from tests.conftest import fixed_batch_losses, read_for_base, run_cli
 
 
 def load_pipeline(folder: Path):
@@ -314,11 +314,7 @@ def test_diffusers_loader_draws_what_our_merged_weights_draw(write_preset, tmp_p
     from rich.console import Console
 
     from lora_cli.adapters.functional import merged_weight
-    from lora_cli.adapters.targets import adaptable_module_names
     from lora_cli.config import load_preset
-    from lora_cli.io.adapter_file import read_adapter
-    from lora_cli.io.keys import kohya_module_index
-    from lora_cli.models.stable_diffusion import StableDiffusion
     from lora_cli.training.run import train
 
     overrides = [f"adapter.type={algorithm}", "adapter.conv_rank=2", "adapter.conv_alpha=1", "train.learning_rate=1e-2"]
@@ -327,8 +323,7 @@ def test_diffusers_loader_draws_what_our_merged_weights_draw(write_preset, tmp_p
     with_loader = load_pipeline(tiny_sd)
     with_loader.load_lora_weights(str(adapter_file))
     merged = load_pipeline(tiny_sd)
-    index = kohya_module_index({"unet": adaptable_module_names(merged.unet)}, StableDiffusion.kohya_table)
-    _, tensors, _ = read_adapter(adapter_file, index)
+    tensors = read_for_base(adapter_file, tiny_sd).tensors
     assert any(isinstance(merged.unet.get_submodule(m), torch.nn.Conv2d) for _, m in tensors) == (algorithm == "locon")
     with torch.no_grad():
         for (_, module), named in tensors.items():
@@ -387,9 +382,6 @@ def test_half_precision_base_resume_guard_and_incomplete_files(write_preset, tmp
 
     from lora_cli.config import load_preset
     from lora_cli.errors import AdapterError, CheckpointError
-    from lora_cli.io.adapter_file import read_adapter
-    from lora_cli.io.keys import kohya_module_index
-    from lora_cli.models.stable_diffusion import StableDiffusion
     from lora_cli.training.run import train
 
     console = Console(quiet=True)
@@ -411,6 +403,5 @@ def test_half_precision_base_resume_guard_and_incomplete_files(write_preset, tmp
     save_file(
         {k: v for k, v in tensors.items() if not k.endswith("lora_up.weight") or "mid_block" not in k}, str(broken)
     )
-    unet = [k.removesuffix(".weight") for k in load_file(str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"))]
     with pytest.raises(AdapterError, match="is incomplete \\(has only alpha, lora_down.weight\\)"):
-        read_adapter(broken, kohya_module_index({"unet": unet}, StableDiffusion.kohya_table))
+        read_for_base(broken, tiny_sd)

@@ -13,25 +13,16 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from datasets_tools.clips import check_clips
-from lora_cli.merging import merge_adapters
 from lora_cli.sampling.run import SampleRequest, run_sampling
+from lora_cli.toolbox.merge import merge_adapters
 from tests.conftest import fixed_batch_losses, run_command, train_preset
 
 FRAMES = 5  # Wan's VAE takes 4k+1 frames
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_cli.toy.tiny_dits import build_tiny_wan
-
-    return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan", seed=0)
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_cli.toy.tiny_dits import write_clips
-
-    return write_clips(tmp_path_factory.mktemp("data") / "clips", count=6, frames=9)
+def tiny_wan(tiny_base) -> Path:
+    return tiny_base("wan")
 
 
 def wan_preset(base: Path, data: Path, out: Path, **train) -> dict:

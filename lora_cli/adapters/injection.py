@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from lora_cli.adapters.keys import AdapterTensors
 from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, get_algorithm
 from lora_cli.adapters.targets import keep_late_blocks, resolve_targets
-from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import AdapterError
-from lora_cli.io.keys import AdapterTensors
-from lora_cli.models.base import LoadedBase
 from lora_cli.sharded_tensors import shard_like
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import AdapterSection
+    from lora_cli.models.base import LoadedBase
 
 
 @dataclass

@@ -1,18 +1,22 @@
-"""Put an adapter file into a loaded base: detect its algorithm, rebuild its per-module ranks/alphas,
-inject matching layers and load the weights exactly."""
+"""Put an adapter file into a loaded base: rebuild its per-module ranks/alphas, inject matching layers and load
+the weights exactly."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from lora_cli.adapters.catalog import ModuleCatalog
+from lora_cli.adapters.files import AdapterFile, read_adapter
 from lora_cli.adapters.injection import InjectedAdapter, inject_spec
+from lora_cli.adapters.keys import AdapterTensors
 from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec
-from lora_cli.adapters.targets import adaptable_module_names
-from lora_cli.io.adapter_file import read_adapter
-from lora_cli.io.keys import AdapterTensors, KohyaTable, kohya_module_index
+
+if TYPE_CHECKING:
+    from lora_cli.models.base import Architecture
 
 
 def spec_from_tensors(algorithm: AdapterAlgorithm, tensors: AdapterTensors) -> AdapterSpec:
@@ -31,18 +35,22 @@ def spec_from_tensors(algorithm: AdapterAlgorithm, tensors: AdapterTensors) -> A
     )
 
 
-def load_adapter_file(
-    components: dict[str, nn.Module], table: KohyaTable, path: str | Path, name: str = "default"
-) -> InjectedAdapter:
-    """Inject the file's adapter into `components` as adapter `name` (frozen, for inference) and return it."""
-    index = kohya_module_index({c: adaptable_module_names(m) for c, m in components.items()}, table)
-    algorithm, tensors, _ = read_adapter(path, index)
-    spec = spec_from_tensors(algorithm, tensors)
+def inject_adapter_file(components: dict[str, nn.Module], file: AdapterFile, name: str = "default") -> InjectedAdapter:
+    """Inject an adapter file (read against these components) as adapter `name`, frozen, for inference."""
+    spec = spec_from_tensors(file.algorithm, file.tensors)
     targets: dict[str, list[str]] = {}
-    for component, module in tensors:
+    for component, module in file.tensors:
         targets.setdefault(component, []).append(module)
     adapter = inject_spec(components, spec, targets, seed=0, name=name)
-    adapter.load_tensors(tensors, str(path))
+    adapter.load_tensors(file.tensors, str(file.path))
     for model in adapter.components.values():
         model.requires_grad_(False)
     return adapter
+
+
+def load_adapter_file(
+    components: dict[str, nn.Module], architecture: Architecture, path: str | Path, name: str = "default"
+) -> InjectedAdapter:
+    """Read an adapter file (any layout) against loaded components and inject it as adapter `name`."""
+    file = read_adapter(path, ModuleCatalog.from_components(architecture, components))
+    return inject_adapter_file(components, file, name)

@@ -43,7 +43,8 @@ LORA_TENSORS = {
     "lora_magnitude_vector": "dora_scale",
 }
 
-for _name, _marker in (("lora", "lora_down.weight"), ("locon", None)):  # one file format: files read as lora
+# One file format: files read as lora. LoCon is LoRA that also adapts convolutions by default.
+for _name, _marker, _targets in (("lora", "lora_down.weight", "attention"), ("locon", None, "full")):
     register(
         AdapterAlgorithm(
             name=_name,
@@ -53,5 +54,12 @@ for _name, _marker in (("lora", "lora_down.weight"), ("locon", None)):  # one fi
             rank_from_file=lambda named: int(named["lora_down.weight"].shape[0]),
             complete=lambda names: {"lora_down.weight", "lora_up.weight"} <= names,
             to_file=_dora_scale_to_file,
+            formats=("kohya", "diffusers"),
+            dora=True,
+            dropout=True,
+            quantized_base=True,
+            default_targets=_targets,
+            full_delta=False,  # x @ down @ up: only a rank-r intermediate
+            kohya_network_module="networks.lora",
         )
     )

@@ -1,16 +1,17 @@
-"""Adapter algorithms by name: how peft is configured for each, how its tensors are named in files,
-and how files are recognised."""
+"""Adapter algorithms by name: how peft is configured for each, how its tensors are named in files, how files
+are recognised, and what each can do (the capabilities every other module asks instead of naming algorithms)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import AdapterError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class AdapterSpec:
         return self.alpha_pattern.get(module, self.alpha)
 
 
-Named = dict[str, torch.Tensor]
+Named = dict[str, "torch.Tensor"]
 
 
 def common_peft_kwargs(spec: AdapterSpec, target_modules: list[str]) -> dict[str, Any]:
@@ -62,6 +63,20 @@ class AdapterAlgorithm:
     # Exact transform of one module's peft tensors (+ alpha) into the file's convention; identity by default.
     # Reading needs no inverse: tensors are reshaped to the layer's parameters and rank/alpha come from the file.
     to_file: Callable[[Named, float, int], Named] = lambda named, alpha, rank: named
+    # Capabilities.
+    formats: tuple[str, ...] = ("kohya",)  # key layouts that can hold it (diffusers' layout holds LoRA only)
+    dora: bool = False  # weight decomposition (DoRA) on top
+    dropout: bool = False  # dropout on the adapter's input while training
+    quantized_base: bool = False  # trains beside bitsandbytes-quantized layers (peft has such layers for it)
+    default_targets: str = "full"  # the target preset when `adapter.targets` is unset
+    full_delta: bool = True  # its layers build the whole delta weight each forward (memory: a weight per layer)
+    kohya_network_module: str = "lycoris.kohya"  # what kohya's `ss_network_module` metadata calls it
+
+    def layout_refusal(self, file_format: str) -> str | None:
+        """Why a key layout cannot hold this algorithm (None when it can)."""
+        if file_format in self.formats:
+            return None
+        return f"the {file_format} layout cannot hold {self.name} adapters; use {' or '.join(self.formats)}"
 
 
 _REGISTRY: dict[str, AdapterAlgorithm] = {}
@@ -70,6 +85,12 @@ _REGISTRY: dict[str, AdapterAlgorithm] = {}
 def register(algorithm: AdapterAlgorithm) -> AdapterAlgorithm:
     _REGISTRY[algorithm.name] = algorithm
     return algorithm
+
+
+def algorithms() -> dict[str, AdapterAlgorithm]:
+    """Every registered algorithm by name."""
+    _load_builtin_algorithms()
+    return dict(_REGISTRY)
 
 
 def get_algorithm(name: str) -> AdapterAlgorithm:
@@ -90,6 +111,8 @@ def detect_algorithm(tensor_names: set[str], source: str) -> AdapterAlgorithm:
 
 
 def _load_builtin_algorithms() -> None:
-    import lora_cli.adapters.loha
-    import lora_cli.adapters.lokr
-    import lora_cli.adapters.lora  # noqa: F401  (each registers itself)
+    """Each algorithm module registers itself when imported; this order is the order users see."""
+    from importlib import import_module
+
+    for name in ("lora", "loha", "lokr"):
+        import_module(f"lora_cli.adapters.{name}")

@@ -9,19 +9,20 @@ from typing import Annotated
 import typer
 
 from lora_cli.cli.errors import run_app
+from lora_cli.cli.options import BaseOption
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-@app.command(help="Describe an adapter: layout, algorithm, layers, rank/alpha, provenance; with --base, its fit.")
+@app.command(
+    help="Describe an adapter: layout, algorithm, layers, rank/alpha, provenance, damage; with --base, its fit."
+)
 def info(
-    adapter: Annotated[Path, typer.Argument(help="Adapter .safetensors file.", show_default=False)],
-    base: Annotated[
-        Path | None, typer.Option("--base", help="A diffusers folder to check the adapter against.")
-    ] = None,
+    adapter: Annotated[Path, typer.Argument(help="Adapter .safetensors file (or peft folder).", show_default=False)],
+    base: BaseOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    from lora_cli.info import adapter_info, fit_to_base
+    from lora_cli.toolbox.info import adapter_info, fit_to_base
 
     report = adapter_info(adapter)
     if base is not None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lora_cli.cli.errors import run_app
+from lora_cli.cli.options import BASE_HELP, BaseOption
 from lora_cli.errors import LoraCliError
 
 extract_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -19,15 +20,15 @@ Energy = Annotated[
 ]
 
 
-@extract_app.command(help="A LoRA from the difference between a tuned model and its base (diffusers folders).")
+@extract_app.command(help="A LoRA from the difference between a tuned model and its base.")
 def extract(
-    base: Annotated[Path, typer.Argument(help="The original model folder.", show_default=False)],
-    tuned: Annotated[Path, typer.Argument(help="The fine-tuned model folder.", show_default=False)],
+    base: Annotated[str, typer.Argument(help=f"The original model: {BASE_HELP}", show_default=False)],
+    tuned: Annotated[str, typer.Argument(help=f"The fine-tuned model: {BASE_HELP}", show_default=False)],
     out: Annotated[Path, typer.Argument(help="The LoRA file to write.", show_default=False)],
     rank: Rank = None,
     energy: Energy = None,
 ) -> None:
-    from lora_cli.lowrank import extract as run
+    from lora_cli.toolbox.lowrank import extract as run
 
     _report(run(base, tuned, out, *_size(rank, energy)), out)
 
@@ -38,11 +39,9 @@ def resize(
     out: Annotated[Path, typer.Argument(help="The LoRA file to write.", show_default=False)],
     rank: Rank = None,
     energy: Energy = None,
-    base: Annotated[
-        Path | None, typer.Option("--base", help="The base folder (needed for DoRA and convolution LoHa/LoKr).")
-    ] = None,
+    base: BaseOption = None,
 ) -> None:
-    from lora_cli.lowrank import resize as run
+    from lora_cli.toolbox.lowrank import resize as run
 
     _report(run(adapter, out, *_size(rank, energy), base), out)
 

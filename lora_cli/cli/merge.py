@@ -15,8 +15,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 
 
 @app.command(
-    help="Merge one or more adapters (any algorithm, weights may be negative) into a base (diffusers folder or "
-    "single-file .safetensors); writes OUT in the same layout, or a single file when OUT ends in .safetensors."
+    help="Merge one or more adapters (any algorithm and layout, weights may be negative) into a base (diffusers "
+    "folder, single-file .safetensors, builtin:NAME or hub id); writes OUT in the same layout, or a single file "
+    "when OUT ends in .safetensors."
 )
 def merge(
     paths: Annotated[list[str], typer.Argument(help="BASE, then ADAPTER[:WEIGHT]..., then OUT.", show_default=False)],
@@ -30,11 +31,11 @@ def merge(
 ) -> None:
     from rich.console import Console
 
-    from lora_cli.merging import merge_adapters
+    from lora_cli.toolbox.merge import merge_adapters
 
     if len(paths) < 3:
         raise LoraCliError("usage: lora-merge BASE ADAPTER[:WEIGHT] [ADAPTER[:WEIGHT] ...] OUT")
-    base, out = Path(paths[0]), Path(paths[-1])
+    base, out = paths[0], Path(paths[-1])
     adapters = [parse_adapter(spec) for spec in paths[1:-1]]
     result = merge_adapters(base, adapters, out, allow_partial, allow_pickle)
     console = Console(stderr=True)

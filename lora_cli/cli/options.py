@@ -15,6 +15,10 @@ Overrides = Annotated[
 ]
 
 
+BASE_HELP = "A diffusers folder, a single-file .safetensors checkpoint, builtin:NAME or a hub id."
+BaseOption = Annotated[str | None, typer.Option("--base", help=f"The base: {BASE_HELP}", show_default=False)]
+
+
 def parse_adapter(spec: str) -> tuple[Path, float]:
     """FILE or FILE:SCALE; the file must exist."""
     path_text, scale = spec, 1.0
@@ -25,6 +29,6 @@ def parse_adapter(spec: str) -> tuple[Path, float]:
         except ValueError:
             raise LoraCliError(f"{spec}: the scale after ':' must be a number, e.g. {head}:0.8") from None
     path = Path(path_text)
-    if not path.is_file():
+    if not path.exists():
         raise LoraCliError(f"{path}: file not found")
     return path, scale

@@ -11,7 +11,6 @@ from lora_cli.cli.errors import run_app
 from lora_cli.cli.options import parse_adapter
 from lora_cli.errors import LoraCliError
 
-QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
@@ -35,8 +34,21 @@ def sample(
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the first image of each prompt.")] = None,
     images: Annotated[int, typer.Option("--images", min=1, help="Images per prompt (seeds count up).")] = 1,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps.")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", min=0.0, help="Guidance scale.")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Denoising steps (default: the pipeline's for the base).")
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", min=0.0, help="Guidance scale (default: the pipeline's; Flux: embedded 3.5)."),
+    ] = None,
+    text_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--text-tokens",
+            min=1,
+            help="T5 token limit (Flux, SD3, PixArt, Wan); default: what the adapters were trained with.",
+        ),
+    ] = None,
     size: Annotated[
         int | None, typer.Option("--size", min=8, help="Image size in pixels (default: the base's).")
     ] = None,
@@ -69,10 +81,11 @@ def sample(
     from rich.console import Console
 
     from lora_cli.cli.quiet import quiet_libraries
+    from lora_cli.models.quantize import CHOICES
     from lora_cli.sampling.run import SampleRequest
 
-    if quantize not in QUANTIZE_CHOICES:
-        raise LoraCliError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize not in CHOICES:
+        raise LoraCliError(f"--quantize {quantize}: choose one of {', '.join(CHOICES)}")
     defaults = _preset_defaults(preset)
     prompt_list = list(prompt or []) + (_read_prompts(prompts) if prompts else []) or defaults.get("prompts", [])
     base = base or defaults.get("base")
@@ -89,8 +102,9 @@ def sample(
         negative_prompt=negative if negative is not None else defaults.get("negative_prompt", ""),
         seed=seed if seed is not None else defaults.get("seed", 0),
         images_per_prompt=images,
-        steps=steps or defaults.get("steps", 25),
-        guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 7.5),
+        steps=steps or defaults.get("steps"),
+        guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale"),
+        text_tokens=text_tokens or defaults.get("text_tokens"),
         size=size or defaults.get("size"),
         scheduler=scheduler,
         scales=parse_scales(scales) if scales else None,
@@ -143,6 +157,7 @@ def _preset_defaults(preset: Path | None) -> dict:
         "steps": sample.steps,
         "guidance_scale": sample.guidance_scale,
         "size": loaded.data.resolution,
+        "text_tokens": loaded.model.max_text_tokens,
         "frames": loaded.data.frames,
     }
 

@@ -77,16 +77,17 @@ def train(
             "torchrun (docs/distributed.md)"
         )
     if planning:
-        from lora_cli.planning import parse_size
-        from lora_cli.training.run import describe_memory
+        from lora_cli.planning import parse_size, plan_report
+        from lora_cli.training.session import scan_dataset
 
-        describe_memory(
+        report = plan_report(
             loaded,
-            Console(),
             vram=parse_size(vram, "--vram") if vram is not None else None,
             ram=parse_size(ram, "--ram") if ram is not None else None,
+            images=len(scan_dataset(loaded).items),
             processes=processes,
         )
+        Console().print(report, highlight=False, markup=False, soft_wrap=True)
         return
     from lora_cli.training.distributed import launch_rank
     from lora_cli.training.run import train as run_training

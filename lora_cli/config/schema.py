@@ -9,7 +9,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lora_cli.adapters.keys import FILE_FORMATS
+from lora_cli.adapters.registry import algorithms, get_algorithm
+from lora_cli.models.quantize import CHOICES as QUANTIZE_CHOICES
+
 PRESET_VERSION = 1
+AlgorithmName = Literal[tuple(algorithms())]  # type: ignore[valid-type]
+QuantizeMode = Literal[QUANTIZE_CHOICES]  # type: ignore[valid-type]
+FileFormat = Literal[FILE_FORMATS]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -35,7 +42,7 @@ class ModelSection(Section):
         "float32",
         description="Storage dtype of the frozen base weights. Adapter weights always train in float32.",
     )
-    quantize: Literal["none", "nf4", "fp4", "int8"] = Field(
+    quantize: QuantizeMode = Field(
         "none",
         description="Store the frozen denoiser's Linear layers quantized (QLoRA): `nf4`/`fp4` (4-bit) or `int8`, "
         "via bitsandbytes; adapters train beside them (lora/locon, DoRA). Convolutions stay in `dtype`.",
@@ -58,7 +65,7 @@ TARGET_PRESETS = ("attention", "attention_ff", "full")
 
 
 class AdapterSection(Section):
-    type: Literal["lora", "locon", "loha", "lokr"] = Field(
+    type: AlgorithmName = Field(
         "lora",
         description="Adapter algorithm: `lora`, `locon` (LoRA that also covers convolutions), `loha` "
         "(Hadamard product of two low-rank pairs) or `lokr` (Kronecker product).",
@@ -115,15 +122,14 @@ class AdapterSection(Section):
 
     @property
     def target_spec(self) -> str | list[str]:
-        if self.targets is not None:
-            return self.targets
-        return "attention" if self.type == "lora" else "full"
+        return self.targets if self.targets is not None else get_algorithm(self.type).default_targets
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterSection:
-        if self.dora and self.type not in ("lora", "locon"):
-            raise ValueError(f"`adapter.dora` works with lora and locon, not {self.type}")
-        if self.dropout and self.type not in ("lora", "locon"):
+        algorithm = get_algorithm(self.type)
+        if self.dora and not algorithm.dora:
+            raise ValueError(f"`adapter.dora` works with {_with(lambda a: a.dora)}, not {self.type}")
+        if self.dropout and not algorithm.dropout:
             raise ValueError(f"`adapter.dropout` is not available for {self.type}; set it to 0")
         if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
             raise ValueError(
@@ -300,7 +306,7 @@ class CacheSection(Section):
 class OutputSection(Section):
     dir: str = Field("output", description="Run folder: adapter, checkpoints, logs, samples, cache.")
     name: str = Field("lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter file name (without extension).")
-    format: Literal["kohya", "diffusers"] | None = Field(
+    format: FileFormat | None = Field(
         None,
         description="Key format: `kohya` (A1111, ComfyUI and diffusers read it) or `diffusers` (peft-style keys). "
         "Default: what the base's community tools read — `kohya` for SD1.x/2 and SDXL, `diffusers` for the DiTs "
@@ -315,8 +321,15 @@ class SampleSection(Section):
     every: int | None = Field(
         None, gt=0, description="Draw previews every N steps (and at the end) when prompts are set."
     )
-    steps: int = Field(25, gt=0, description="Denoising steps per preview.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    steps: int | None = Field(
+        None, gt=0, description="Denoising steps per preview. Default: the base pipeline's (e.g. SD 50, Flux 28)."
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Guidance scale of previews. Default: the base pipeline's (SD 7.5, SDXL 5, SD3 7, Flux's "
+        "embedded guidance 3.5, PixArt 4.5, Wan 5).",
+    )
     negative_prompt: str = Field("", description="Negative prompt for previews.")
     seed: int = Field(0, description="Seed for previews (the same every time, so they are comparable).")
 
@@ -351,14 +364,16 @@ class Preset(Section):
             raise ValueError(
                 "`cache.text_embeddings` cannot be used with `data.shuffle_tags` (every shuffle is a new caption)"
             )
-        if self.output.format == "diffusers" and self.adapter.type not in ("lora", "locon"):
+        algorithm = get_algorithm(self.adapter.type)
+        if self.output.format is not None and self.output.format not in algorithm.formats:
             raise ValueError(
-                f"`output.format: diffusers` holds LoRA/LoCon only; save {self.adapter.type} as `kohya` (LyCORIS keys)"
+                f"`output.format: {self.output.format}` cannot hold {self.adapter.type} adapters; save it as "
+                f"{' or '.join(f'`{f}`' for f in algorithm.formats)}"
             )
-        if self.model.quantize != "none" and self.adapter.type in ("loha", "lokr"):
+        if self.model.quantize != "none" and not algorithm.quantized_base:
             raise ValueError(
-                f"`model.quantize: {self.model.quantize}` trains lora/locon adapters only (peft has no "
-                f"bitsandbytes {self.adapter.type} layer); use adapter.type lora or locon, or quantize: none"
+                f"`model.quantize: {self.model.quantize}` trains {_with(lambda a: a.quantized_base)} adapters only "
+                f"(peft has no bitsandbytes {self.adapter.type} layer); change adapter.type, or quantize: none"
             )
         if self.data.frames is not None and self.prior.enabled:
             raise ValueError("prior preservation works on images; turn `prior` off to train on video clips")
@@ -383,3 +398,8 @@ def fsdp_conflict(quantize: str, mixed_precision: str, optimizer: str) -> str | 
             "Prodigy's step size); use adamw — FSDP already splits its state across the processes"
         )
     return None
+
+
+def _with(capability) -> str:
+    """The algorithms that have a capability, for messages: `lora or locon`."""
+    return " or ".join(name for name, algorithm in algorithms().items() if capability(algorithm))

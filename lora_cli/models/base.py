@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -11,9 +10,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lora_cli.config.schema import ModelSection, Preset
-    from lora_cli.io.keys import KohyaTable
-    from lora_cli.training.data import CropGeometry
-    from lora_cli.training.objectives import Objective
+    from lora_cli.diffusion.geometry import CropGeometry
+    from lora_cli.diffusion.objectives import Objective
+    from lora_cli.models.naming import KohyaTable
+    from lora_cli.models.source import BaseSource
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,25 @@ class Architecture(Protocol):
     trained_text_encoders: tuple[str, ...]  # those `adapter.text_encoder: true` adapts (Flux: CLIP, not T5)
     kohya_table: KohyaTable
     default_format: str  # the adapter key layout its community tools read: "kohya" or "diffusers"
+    single_file: bool  # whether single-file checkpoints of it are read (and written by lora-merge)
 
     def matches(self, pipeline_class: str) -> bool: ...
 
-    def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase: ...
+    def module_aliases(self, component: str, modules: list[str]) -> dict[str, str]:
+        """Other names adapter files use for these modules (`{alias: module}`): a UNet's original block names,
+        CLIP's `text_model.` level."""
+        ...
+
+    def converts_layout(self, keys: list[str]) -> str | None:
+        """The name of this architecture's community layout these adapter keys are in, when it renames or fuses
+        modules so that diffusers' converter for the pipeline must read it (None otherwise)."""
+        ...
+
+    def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adapter tensors in a spelling diffusers' converter for this pipeline takes."""
+        ...
+
+    def load(self, spec: ModelSection, source: BaseSource, dtype: torch.dtype) -> LoadedBase: ...
 
     def blocks(self, denoiser: nn.Module) -> list[str]: ...
 

@@ -13,12 +13,11 @@ if TYPE_CHECKING:
 
 
 def load_components(spec: ModelSection, source: str, names: list[str], dtype: torch.dtype) -> dict[str, Any]:
-    """The named components of a diffusers folder or hub id, each loaded from its sub-folder with the class
+    """The named components of a local diffusers folder, each loaded from its sub-folder with the class
     model_index.json declares (lighter than importing the pipeline class); weights in `dtype`."""
     import diffusers
 
-    common = {"revision": spec.revision}
-    index = diffusers.DiffusionPipeline.load_config(source, **common)
+    index = diffusers.DiffusionPipeline.load_config(source)
     components = {}
     for name in names:
         if name not in index or not isinstance(index[name], list) or index[name][1] is None:
@@ -27,7 +26,7 @@ def load_components(spec: ModelSection, source: str, names: list[str], dtype: to
         component_class = getattr(importlib.import_module(library), class_name)
         is_model = isinstance(component_class, type) and issubclass(component_class, torch.nn.Module)
         extra = {"variant": spec.variant, "dtype": dtype} if is_model else {}
-        components[name] = component_class.from_pretrained(source, subfolder=name, **common, **extra)
+        components[name] = component_class.from_pretrained(source, subfolder=name, **extra)
     return components
 
 

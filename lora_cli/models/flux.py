@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
-    from lora_cli.training.data import CropGeometry
+    from lora_cli.diffusion.geometry import CropGeometry
 
 
 class Flux(DiffusionTransformer):
@@ -44,6 +44,21 @@ class Flux(DiffusionTransformer):
         "text_encoder": KohyaComponent("lora_te1_text_model_", drop="text_model."),
         "text_encoder_2": KohyaComponent("lora_te2_"),
     }
+
+    # Black Forest Labs' original module names (fused q/k/v, `linear1` of the single blocks) as kohya's
+    # sd-scripts, ComfyUI and XLabs write them; diffusers' Flux converter splits them into its modules.
+    foreign_layouts = {
+        "kohya (Flux original names)": r"^lora_unet_(double|single)_blocks_\d+_",
+        "comfyui (Flux original names)": r"^diffusion_model\.(double|single)_blocks\.\d+\.",
+        "xlabs": r"^double_blocks\.\d+\.processor\.",
+    }
+
+    def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ComfyUI files may name the factors lora_A/lora_B; diffusers' converter reads kohya's names."""
+        return {
+            key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight"): value
+            for key, value in flat.items()
+        }
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
         double = [f"transformer_blocks.{i}" for i in range(len(denoiser.transformer_blocks))]

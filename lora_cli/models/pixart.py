@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_cli.io.keys import KohyaComponent
+from lora_cli.diffusion.objectives import DenoisingObjective
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
-from lora_cli.training.objectives import DenoisingObjective
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
-    from lora_cli.training.data import CropGeometry
+    from lora_cli.diffusion.geometry import CropGeometry
 
 
 class PixArt(DiffusionTransformer):

@@ -10,15 +10,31 @@ almost none.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 MODES = ("nf4", "fp4", "int8")
+CHOICES = ("none", *MODES)  # `model.quantize`, `lora-sample --quantize` and the planner take these
 BLOCK = 64  # 4-bit layers must have both widths multiples of this (bitsandbytes' blocks and its CPU kernel)
+
+
+def stored_bytes(mode: str, shape: tuple[int, ...]) -> float:
+    """Bytes one Linear weight takes in `mode`: int8, one byte per weight and a float32 scale per output row;
+    nf4/fp4, half a byte per weight and a float32 absmax per block of 64 (bitsandbytes' layout, before its
+    optional double quantization)."""
+    numel = math.prod(shape)
+    if mode == "int8":
+        return numel + 4 * shape[0]
+    if mode in ("nf4", "fp4"):
+        return numel / 2 + 4 * math.ceil(numel / BLOCK)
+    raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,8 @@ class QuantizationReport:
 def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> QuantizationReport:
     """Replace the nn.Linear layers of `model` by bitsandbytes layers holding their weights in `mode` (for 4-bit,
     those whose widths are multiples of 64: every large layer of real models; small output heads stay)."""
+    from torch import nn
+
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -67,6 +85,9 @@ def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dty
 
 
 def _quantized(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    import torch
+    from torch import nn
+
     weight = linear.weight.data
     device = weight.device
     has_bias = linear.bias is not None

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
 
 if TYPE_CHECKING:

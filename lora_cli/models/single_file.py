@@ -18,6 +18,7 @@ from lora_cli.errors import ModelLoadError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 QKV = ("q_proj", "k_proj", "v_proj")
+UNSUPPORTED = "single files of DiTs such as Flux or SD3 are not supported; give a diffusers folder or hub id"
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,7 @@ def detect_layout(keys: Iterable[str], source: str) -> SingleFileLayout:
     for layout in LAYOUTS if unet else ():
         if all(any(key.startswith(slot.prefix) for key in keys) for slot in layout.text_encoders):
             return layout
-    raise ModelLoadError(
-        f"{source}: not a Stable Diffusion 1.x/2.x/XL single-file checkpoint (single files of DiTs such as Flux "
-        "or SD3 are not supported); give a diffusers folder or hub id"
-    )
+    raise ModelLoadError(f"{source}: not a Stable Diffusion 1.x/2.x/XL single-file checkpoint ({UNSUPPORTED})")
 
 
 def layout_for_folder(pipeline_class: str, text_encoder_config: dict) -> SingleFileLayout:
@@ -327,3 +325,15 @@ def _count(keys: list[str], prefix: str) -> int:
 
 def _has(keys: list[str], prefix: str) -> bool:
     return any(key.startswith(prefix) for key in keys)
+
+
+def original_unet_modules(modules: list[str]) -> dict[str, str]:
+    """`{original (LDM) module path: diffusers module path}` for UNet modules named as diffusers names them:
+    the names kohya's SDXL LoRAs and ComfyUI's `diffusion_model.` files use for the same layers."""
+    rules = _unet_rules(_unet_shape([module + ".weight" for module in modules], diffusers_side=True))
+    found = {}
+    for module in modules:
+        placement = rules.lookup(module + ".weight")
+        if placement is not None and placement.key.endswith(".weight"):
+            found[placement.key[len(UNET_PREFIX) : -len(".weight")]] = module
+    return found

@@ -11,7 +11,7 @@ import torch
 from lora_cli.errors import ModelLoadError
 from lora_cli.io.safetensors_stream import PlannedTensor, TensorReader, open_readers, tensor_bytes, write_streamed
 from lora_cli.models.single_file import Placement, layout_for_folder, to_single_file
-from lora_cli.models.weights import component_files, pipeline_class, place
+from lora_cli.models.weights import BaseWeights, open_base_weights, place
 
 ParameterTransform = Callable[[str, str, torch.Tensor], torch.Tensor]
 
@@ -19,12 +19,18 @@ ParameterTransform = Callable[[str, str, torch.Tensor], torch.Tensor]
 def write_single_file(
     folder: Path, out: Path, metadata: dict[str, str], transform: ParameterTransform | None = None
 ) -> None:
-    """Stream every component's weights of `folder` into `out`, passing each parameter through
-    `transform(component, name, tensor)` first (a merge, for example)."""
-    layout = layout_for_folder(pipeline_class(folder), _config(folder / "text_encoder"))
+    """Stream every component's weights of a pipeline folder into `out`, passing each tensor through
+    `transform(component, file_key, tensor)` first (a merge, for example)."""
+    with open_base_weights(str(folder), str(folder)) as weights:
+        _write(weights, out, metadata, transform)
+
+
+def _write(weights: BaseWeights, out: Path, metadata: dict[str, str], transform: ParameterTransform | None) -> None:
+    folder = weights.path
+    layout = layout_for_folder(weights.source.pipeline_class, _config(folder / "text_encoder"))
     sources: list[tuple[str, Path]] = []
     for component in layout.prefixes():
-        paths = component_files(folder / component)
+        paths = weights.files.get(component, [])
         if not paths:
             raise ModelLoadError(f"{folder}: component {component} has no .safetensors weights to write")
         sources += [(component, path) for path in paths]

@@ -1,75 +1,132 @@
-"""Where a base model lives (folder, single file or hub id) and which pipeline class it declares."""
+"""Where a base model lives, for every command alike: a diffusers folder, a single-file `.safetensors`
+checkpoint, `builtin:NAME`, or a hub id (its local snapshot); pickle files only when the user opts in.
+
+`open_base_source` is the one way a command turns what the user wrote into a local location, its pipeline class
+and its architecture, with one set of rules and one error vocabulary (`where` names the argument or key).
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.builtin import BUILTIN_PREFIX, builtin_models, builtin_path
-from lora_cli.config.schema import ModelSection
 from lora_cli.errors import ModelLoadError
+from lora_cli.io.pickle_file import as_safetensors, is_pickle
 from lora_cli.io.safetensors_file import PICKLE_SUFFIXES, header_fingerprint, read_header
+from lora_cli.models.base import Architecture, BaseIdentity
 
 
-def local_location(spec: ModelSection) -> Path | None:
-    """The local file or folder named by `model.path` (or `builtin:NAME`), or None for a hub id."""
-    if spec.path.startswith(BUILTIN_PREFIX):
-        name = spec.path.removeprefix(BUILTIN_PREFIX)
-        if name not in builtin_models():
+@dataclass(frozen=True)
+class BaseSource:
+    """A base resolved to local files: `location` is a pipeline folder or a single `.safetensors` file."""
+
+    text: str  # what the user wrote (recorded in adapter metadata, shown in messages)
+    location: Path
+    pipeline_class: str
+    architecture: Architecture
+    variant: str | None = None
+
+    @property
+    def is_single_file(self) -> bool:
+        return self.location.is_file()
+
+    def fingerprint(self) -> str:
+        """sha256 over the weight files' safetensors headers (fast: no tensor data is read)."""
+        files = [self.location] if self.is_single_file else sorted(self.location.rglob("*.safetensors"))
+        return header_fingerprint(files)
+
+    def identity(self) -> BaseIdentity:
+        """What adapter metadata records about the base: where it came from, its fingerprint, its architecture."""
+        return BaseIdentity(self.text, self.fingerprint(), self.architecture.name)
+
+
+@contextmanager
+def open_base_source(
+    text: str | Path,
+    where: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> Iterator[BaseSource]:
+    """Resolve `text` to a `BaseSource`. A pickle checkpoint is refused unless `allow_pickle`, then read with
+    restricted unpickling into a temporary safetensors copy that lives as long as the context."""
+    text = str(text)
+    location = local_location(text, where, revision, variant)
+    if location.is_file() and is_pickle(location):
+        if not allow_pickle:
             raise ModelLoadError(
-                f"model.path: no built-in model `{name}`; available: {', '.join(builtin_models()) or 'none'}"
+                f"{where}: {location} is a pickle-based checkpoint, which can run code when loaded; "
+                "convert it to .safetensors or pass --allow-pickle"
             )
+        with as_safetensors([location], True, Path(tempfile.gettempdir())) as (converted,):
+            yield _describe(text, converted, where, variant)
+        return
+    yield _describe(text, location, where, variant)
+
+
+def local_location(text: str, where: str, revision: str | None = None, variant: str | None = None) -> Path:
+    """The local file or folder `text` names: `builtin:NAME`, an existing path, or a hub id's local snapshot."""
+    if text.startswith(BUILTIN_PREFIX):
+        name = text.removeprefix(BUILTIN_PREFIX)
+        if name not in builtin_models():
+            raise ModelLoadError(f"{where}: no built-in model `{name}`; available: {', '.join(builtin_models())}")
         return builtin_path(name)
-    path = Path(spec.path).expanduser()
+    path = Path(text).expanduser()
     if path.exists():
         return path
-    looks_local = spec.path.startswith((".", "/", "~")) or path.suffix.lower() in (
-        ".safetensors",
-        *PICKLE_SUFFIXES,
-    )
-    if looks_local or spec.path.count("/") != 1:
+    looks_local = text.startswith((".", "/", "~")) or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+    if looks_local or text.count("/") != 1:
         raise ModelLoadError(
-            f"model.path: {spec.path} does not exist; give a diffusers folder, a .safetensors file or a hub id"
+            f"{where}: {text} does not exist; give a diffusers folder, a .safetensors file, builtin:NAME or a hub id"
         )
-    return None
+    return _hub_snapshot(text, where, revision, variant)
 
 
-def pipeline_class_name(spec: ModelSection, location: Path | None) -> str:
-    """The `_class_name` from model_index.json, or the family a single-file checkpoint's keys belong to."""
-    if location is not None and location.is_file():
-        if location.suffix.lower() != ".safetensors":
-            raise ModelLoadError(
-                f"model.path: {location} is not a .safetensors checkpoint; "
-                "pickle formats are refused (they can run code)"
-            )
-        from lora_cli.models.single_file import detect_layout
-
-        return detect_layout(read_header(location, ModelLoadError), f"model.path: {location}").pipeline_class
-    if location is not None:
-        index = location / "model_index.json"
-        if not index.is_file():
-            raise ModelLoadError(f"model.path: {location} has no model_index.json; is it a diffusers pipeline folder?")
-        try:
-            return json.loads(index.read_text())["_class_name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ModelLoadError(f"model.path: {index} is damaged (not JSON with a _class_name)") from None
+def _hub_snapshot(repo: str, where: str, revision: str | None, variant: str | None) -> Path:
+    """The hub pipeline's local snapshot: from the Hugging Face cache, downloaded first when the hub is reachable
+    (diffusers' own download rules: the components model_index.json names, safetensors preferred)."""
     from diffusers import DiffusionPipeline
 
     try:
-        config = DiffusionPipeline.load_config(spec.path, revision=spec.revision)
+        return Path(DiffusionPipeline.download(repo, revision=revision, variant=variant))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.path: cannot find hub model {spec.path} ({_first_line(exc)})") from None
-    return config["_class_name"]
+        raise ModelLoadError(
+            f"{where}: cannot find hub model {repo} locally or on the hub ({_first_line(exc)[:200]}); "
+            f"download it with `hf download {repo}` or give a local folder"
+        ) from None
 
 
-def weight_fingerprint(spec: ModelSection, location: Path | None) -> str:
-    """A fingerprint of the weight files' safetensors headers (fast: no tensor data is read)."""
-    if location is None:
-        from huggingface_hub import snapshot_download
+def _describe(text: str, location: Path, where: str, variant: str | None) -> BaseSource:
+    from lora_cli.models.registry import architecture_for
 
-        location = Path(snapshot_download(spec.path, revision=spec.revision, local_files_only=True))
-    files = [location] if location.is_file() else sorted(location.rglob("*.safetensors"))
-    return header_fingerprint(files)
+    pipeline_class = pipeline_class_of(location, where)
+    return BaseSource(text, location, pipeline_class, architecture_for(pipeline_class, f"{where}: {text}"), variant)
+
+
+def pipeline_class_of(location: Path, where: str) -> str:
+    """The `_class_name` from model_index.json, or the family a single-file checkpoint's keys belong to."""
+    if location.is_file():
+        if location.suffix.lower() != ".safetensors":
+            raise ModelLoadError(
+                f"{where}: {location} is not a .safetensors checkpoint; pickle formats are refused (they can run code)"
+            )
+        from lora_cli.models.single_file import detect_layout
+
+        return detect_layout(read_header(location, ModelLoadError), f"{where}: {location}").pipeline_class
+    index = location / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"{where}: {location} has no model_index.json; give a diffusers pipeline folder or a .safetensors file"
+        )
+    try:
+        return json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ModelLoadError(f"{where}: {index} is damaged (not JSON with a _class_name)") from None
 
 
 def _first_line(exc: BaseException) -> str:

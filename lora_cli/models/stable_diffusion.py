@@ -7,15 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_cli.io.keys import KohyaComponent
-from lora_cli.models.base import BaseIdentity, LoadedBase
+from lora_cli.diffusion.objectives import DenoisingObjective
+from lora_cli.models.base import LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
-from lora_cli.models.source import weight_fingerprint
-from lora_cli.training.objectives import DenoisingObjective
+from lora_cli.models.naming import KohyaComponent, text_model_aliases
+from lora_cli.models.single_file import original_unet_modules
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import ModelSection, Preset
-    from lora_cli.training.data import CropGeometry
+    from lora_cli.diffusion.geometry import CropGeometry
+    from lora_cli.models.source import BaseSource
 
 
 class StableDiffusion:
@@ -36,25 +37,23 @@ class StableDiffusion:
 
     pipeline_class = "StableDiffusionPipeline"
     default_format = "kohya"
+    single_file = True  # the original (LDM) single-file checkpoints A1111 and ComfyUI load
     text_encoder_classes = {"text_encoder": "tokenizer"}  # text encoder component -> its tokenizer component
 
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
 
-    def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase:
+    def load(self, spec: ModelSection, source: BaseSource, dtype: torch.dtype) -> LoadedBase:
         from diffusers import DDPMScheduler
 
-        if location is not None and location.is_file():
-            components = self._load_single_file(spec, location, dtype)
+        if source.is_single_file:
+            components = self._load_single_file(spec, source.location, dtype)
         else:
-            components = self._load_components(spec, str(location) if location is not None else spec.path, dtype)
-        identity = BaseIdentity(
-            source=spec.path, fingerprint=weight_fingerprint(spec, location), architecture=self.name
-        )
+            components = self._load_components(spec, str(source.location), dtype)
         scheduler, vae = components["scheduler"], components["vae"]
         return LoadedBase(
             architecture=self,
-            identity=identity,
+            identity=source.identity(),
             denoiser=components["unet"],
             vae=vae,
             text_encoders={name: components[name] for name in self.text_encoder_classes},
@@ -76,6 +75,17 @@ class StableDiffusion:
 
     def _pipeline_flags(self) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}
+
+    def module_aliases(self, component: str, modules: list[str]) -> dict[str, str]:
+        """kohya's SDXL files and ComfyUI's `diffusion_model.` files name UNet layers by the original (LDM)
+        blocks; text-encoder files spell CLIP with or without `text_model.`."""
+        return original_unet_modules(modules) if component == "unet" else text_model_aliases(modules)
+
+    def converts_layout(self, keys: list[str]) -> str | None:
+        return None  # every SD layout is read exactly by lora-cli's own tables
+
+    def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return flat
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
         """Module-name prefixes of the UNet's blocks in execution order (for `adapter.late`)."""

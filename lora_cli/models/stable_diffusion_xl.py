@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.stable_diffusion import StableDiffusion
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
-    from lora_cli.training.data import CropGeometry
+    from lora_cli.diffusion.geometry import CropGeometry
 
 
 class StableDiffusionXL(StableDiffusion):

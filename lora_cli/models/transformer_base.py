@@ -4,20 +4,20 @@ diffusers folder or hub id, the VAE's latents and the pipeline built from the lo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_cli.models.base import BaseIdentity, LoadedBase
+from lora_cli.diffusion.objectives import FlowMatchingObjective, resolution_shift
+from lora_cli.models.base import LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
-from lora_cli.models.source import weight_fingerprint
-from lora_cli.training.objectives import FlowMatchingObjective, resolution_shift
+from lora_cli.models.naming import matching_layout, text_model_aliases
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import ModelSection, Preset
-    from lora_cli.training.data import CropGeometry
-    from lora_cli.training.objectives import Objective
+    from lora_cli.diffusion.geometry import CropGeometry
+    from lora_cli.diffusion.objectives import Objective
+    from lora_cli.models.source import BaseSource
 
 
 class DiffusionTransformer:
@@ -27,6 +27,7 @@ class DiffusionTransformer:
     pipeline_class: str
     text_encoder_classes: dict[str, str]  # text encoder component -> its tokenizer component
     denoiser_name = "transformer"
+    single_file = False  # the original releases' single files (e.g. BFL's Flux) are not read
     default_format = "diffusers"  # diffusers' layout: what diffusers and ComfyUI load for DiTs
     default_text_tokens: int  # T5's token limit unless model.max_text_tokens says otherwise
     native_resolution = 1024
@@ -35,14 +36,13 @@ class DiffusionTransformer:
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
 
-    def load(self, spec: ModelSection, location: Path | None, dtype: torch.dtype) -> LoadedBase:
-        source = str(location) if location is not None else spec.path
+    def load(self, spec: ModelSection, source: BaseSource, dtype: torch.dtype) -> LoadedBase:
         names = ["transformer", "vae", "scheduler", *self.text_encoder_classes, *self.text_encoder_classes.values()]
-        components = load_components(spec, source, names, dtype)
+        components = load_components(spec, str(source.location), names, dtype)
         vae = components["vae"]
         return LoadedBase(
             architecture=self,
-            identity=BaseIdentity(spec.path, weight_fingerprint(spec, location), self.name),
+            identity=source.identity(),
             denoiser=components["transformer"],
             vae=vae,
             text_encoders={name: components[name] for name in self.text_encoder_classes},
@@ -56,6 +56,18 @@ class DiffusionTransformer:
                 "vae_config": vae.config,  # kept when the VAE itself is released after caching latents
             },
         )
+
+    # Layouts of the community's tools that rename or fuse modules (name -> key regex), read through diffusers.
+    foreign_layouts: dict[str, str] = {}
+
+    def module_aliases(self, component: str, modules: list[str]) -> dict[str, str]:
+        return {} if component == self.denoiser_name else text_model_aliases(modules)
+
+    def converts_layout(self, keys: list[str]) -> str | None:
+        return matching_layout(self.foreign_layouts, keys)
+
+    def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return flat
 
     def training_scheduler(self, scheduler: Any) -> Any:
         return scheduler

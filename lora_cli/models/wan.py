@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_cli.io.keys import KohyaComponent
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.transformer_base import DiffusionTransformer, tokens
 
 if TYPE_CHECKING:
@@ -28,6 +28,13 @@ class Wan(DiffusionTransformer):
     default_text_encoder_targets = ("q", "k", "v", "o")
     trained_text_encoders = ("text_encoder",)
     kohya_table = {"transformer": KohyaComponent("lora_transformer_"), "text_encoder": KohyaComponent("lora_te_")}
+
+    # Wan's original module names (`blocks.N.self_attn.q`) as musubi-tuner and ComfyUI write them; diffusers'
+    # Wan converter maps them to its modules.
+    foreign_layouts = {
+        "musubi-tuner": r"^lora_unet_blocks_\d+_",
+        "comfyui (Wan original names)": r"^diffusion_model\.blocks\.\d+\.",
+    }
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
         return [f"blocks.{i}" for i in range(len(denoiser.blocks))]

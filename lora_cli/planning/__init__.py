@@ -4,7 +4,7 @@ from lora_cli.planning.advice import Advice, Budget, Change, advise
 from lora_cli.planning.estimate import MemoryPlan, Part, PlanSettings, estimate_memory, plan_preset
 from lora_cli.planning.inventory import BaseInventory, read_inventory
 from lora_cli.planning.report import format_advice, format_plan, plan_report
-from lora_cli.planning.units import format_size, parse_size
+from lora_cli.units import format_size, parse_size
 
 __all__ = [
     "Advice",

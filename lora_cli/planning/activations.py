@@ -59,7 +59,7 @@ class DenoiserQuery:
     layers: Shapes  # every layer of the denoiser: module name -> weight shape
     adapted: frozenset[str]  # module names that get an adapter
     rank: int
-    algorithm: str  # lora | locon | loha | lokr
+    full_delta: bool  # the algorithm's layers build their whole delta weight each forward (LoHa, LoKr)
     dora: bool
     latent_tokens: int  # tokens at the first block: (resolution / latent factor)^2 (x latent frames for video)
     text_tokens: int
@@ -178,7 +178,7 @@ def _edge_out(query: DenoiserQuery) -> _Stage:
 
 def _delta_weights(query: DenoiserQuery) -> float:
     """LoHa and LoKr build each adapted layer's full delta weight, kept for the layer's backward."""
-    if query.algorithm not in ("loha", "lokr"):
+    if not query.full_delta:
         return 0.0
     return float(sum(math.prod(query.layers[name]) for name in query.adapted if name in query.layers))
 
@@ -186,7 +186,7 @@ def _delta_weights(query: DenoiserQuery) -> float:
 def _ranks(query: DenoiserQuery, prefix: str, n: int) -> float:
     """LoRA keeps its rank-r intermediate per adapted layer; DoRA also the base and LoRA outputs."""
     adapted = [name for name in query.adapted if name == prefix or name.startswith(prefix + ".")]
-    if query.algorithm in ("loha", "lokr"):
+    if query.full_delta:
         return 0.0
     total = query.rank * n * len(adapted)
     if query.dora:

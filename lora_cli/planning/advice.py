@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from lora_cli.config.schema import fsdp_conflict
 from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory
 from lora_cli.planning.inventory import BaseInventory
-from lora_cli.planning.units import format_size
+from lora_cli.units import format_size
 
 RESOLUTIONS = (1024, 768, 640, 512, 384, 256)
 

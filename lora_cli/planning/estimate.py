@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lora_cli.adapters.registry import get_algorithm
 from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import ModelLoadError
+from lora_cli.models.quantize import stored_bytes
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
 from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
 
 ACTIVATION_MODELS: dict[str, ActivationModel] = {**UNET_MODELS, **DIT_MODELS}  # by `Architecture.name`
 DEVICES = ("cuda", "cpu")
-QUANTIZE_MODES = ("none", "int8", "nf4")
 GiB, MiB = 2**30, 2**20
 
 # Measured on this project's 2-core CPU machine (docs/memory-planner.md): RSS of Python, torch, diffusers,
@@ -182,7 +183,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
         layers=layers,
         adapted=frozenset(targets),
         rank=section.rank,
-        algorithm=section.type,
+        full_delta=get_algorithm(section.type).full_delta,
         dora=section.dora,
         latent_tokens=(settings.resolution // model.latent_factor) ** 2 * _latent_frames(settings, model),
         text_tokens=_text_tokens(inventory, architecture, settings, model),
@@ -331,23 +332,12 @@ def _weight_bytes(
             continue
         module = weight.name.removesuffix(".weight")
         if module in linear and len(weight.shape) == 2:
-            total += _quantized_bytes(settings.quantize, weight.shape)
+            total += stored_bytes(settings.quantize, weight.shape)
         elif weight.dtype in ("F32", "F16", "BF16", "F64"):
             total += weight.numel * store
         else:
             total += weight.numel * DTYPE_BYTES.get(weight.dtype, 4)
     return round(total)
-
-
-def _quantized_bytes(mode: str, shape: tuple[int, ...]) -> float:
-    """int8: one byte per weight and a float32 scale per output row; nf4: half a byte per weight and a
-    float32 absmax per block of 64 (bitsandbytes' layout, before its optional double quantization)."""
-    numel = math.prod(shape)
-    if mode == "int8":
-        return numel + 4 * shape[0]
-    if mode == "nf4":
-        return numel / 2 + 4 * math.ceil(numel / 64)
-    raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
 
 
 def _optimizer_bytes(optimizer: str, sizes: tuple[int, ...]) -> int:

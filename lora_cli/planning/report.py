@@ -9,7 +9,7 @@ from lora_cli.errors import PresetError
 from lora_cli.planning.advice import Advice, Budget, advise
 from lora_cli.planning.estimate import MemoryPlan, Part, PlanSettings, estimate_memory
 from lora_cli.planning.inventory import read_inventory
-from lora_cli.planning.units import format_size
+from lora_cli.units import format_size
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset

@@ -226,7 +226,7 @@ def _ranks(query: DenoiserQuery, prefix: str, tokens_of: Callable[[DenoiserQuery
 
 def _layer_ranks(query: DenoiserQuery, name: str, tokens: int) -> float:
     """LoRA's rank-r intermediate; DoRA also the base and LoRA outputs (LoHa/LoKr: see `per_step`)."""
-    if name not in query.adapted or query.algorithm in ("loha", "lokr"):
+    if name not in query.adapted or query.full_delta:
         return 0.0
     return query.rank * tokens + (2 * query.layers[name][0] * tokens if query.dora else 0)
 

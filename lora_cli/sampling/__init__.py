@@ -12,43 +12,50 @@ BATCH = 16
 MIN_CELL = 96
 
 
+def pipeline_default(pipeline: Any, parameter: str) -> Any:
+    """The pipeline's own default for a call parameter (diffusers sets them per architecture: Flux's embedded
+    guidance 3.5 and 28 steps, SD's classifier-free guidance 7.5 and 50 steps, ...); None if it has none."""
+    found = signature(pipeline.__call__).parameters.get(parameter)
+    return None if found is None or found.default is found.empty else found.default
+
+
 def generate_images(
     pipeline: Any,
     prompts: list[str],
     seeds: list[int],
-    steps: int,
-    guidance_scale: float,
+    steps: int | None,
+    guidance_scale: float | None,
     negative_prompt: str,
     size: int,
     on_batch: Callable[[int], object] | None = None,
     frames: int | None = None,
+    text_tokens: int | None = None,
 ) -> list[Image.Image]:
     """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images.
-    Video pipelines draw `frames` frames, returned as one strip image per video (frames left to right)."""
+    `steps` and `guidance_scale` left None take the pipeline's defaults; `text_tokens` is the T5 sequence length
+    for pipelines that take one (what the adapter was trained with). Video pipelines draw `frames` frames,
+    returned as one strip image per video (frames left to right)."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
+    accepted = signature(pipeline.__call__).parameters
     # PixArt's pipeline snaps sizes to its training bins by default; lora-cli draws exactly the size asked.
-    options = (
-        {"use_resolution_binning": False} if "use_resolution_binning" in signature(pipeline.__call__).parameters else {}
-    )
-    if frames is not None and "num_frames" in signature(pipeline.__call__).parameters:
+    options: dict[str, Any] = {"use_resolution_binning": False} if "use_resolution_binning" in accepted else {}
+    if frames is not None and "num_frames" in accepted:
         options["num_frames"] = frames
+    if text_tokens is not None and "max_sequence_length" in accepted:
+        options["max_sequence_length"] = text_tokens
+    if steps is not None:
+        options["num_inference_steps"] = steps
+    if guidance_scale is not None:
+        options["guidance_scale"] = guidance_scale
     images: list[Image.Image] = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + BATCH]]
         if negative_prompt:  # otherwise each pipeline's own default (None, or "" for PixArt)
             options["negative_prompt"] = [negative_prompt] * len(chunk)
-        result = pipeline(
-            chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=size,
-            width=size,
-            generator=generators,
-            **options,
-        )
+        result = pipeline(chunk, height=size, width=size, generator=generators, **options)
         images += result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
         if on_batch is not None:
             on_batch(len(chunk))

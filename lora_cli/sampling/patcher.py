@@ -7,48 +7,27 @@ number of adapters, and costs a small fraction of loading a pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from lora_cli.adapters.files import AdapterFile
 from lora_cli.adapters.functional import merged_weight
-from lora_cli.adapters.targets import adaptable_module_names
+from lora_cli.adapters.keys import ModuleKey
 from lora_cli.errors import AdapterError
-from lora_cli.io.adapter_file import read_adapter
-from lora_cli.io.keys import AdapterTensors, KohyaTable, ModuleKey, kohya_module_index
-
-
-@dataclass(frozen=True)
-class AdapterFile:
-    path: Path
-    algorithm: str
-    tensors: AdapterTensors
 
 
 class WeightPatcher:
     """Applies {adapter file: scale} to the components' weights and can always go back to the base."""
 
-    def __init__(self, components: dict[str, nn.Module], table: KohyaTable) -> None:
+    def __init__(self, components: dict[str, nn.Module]) -> None:
         self.components = components
-        self.index = kohya_module_index({c: adaptable_module_names(m) for c, m in components.items()}, table)
         self.originals: dict[ModuleKey, torch.Tensor] = {}
 
-    def read(self, path: str | Path) -> AdapterFile:
-        """Parse an adapter file once; keys that match nothing in this base are an error."""
-        algorithm, tensors, _ = read_adapter(path, self.index)
-        for (component, module), named in tensors.items():
-            weight = self.components[component].get_submodule(module).weight
-            named.update({name: value.to(weight.device) for name, value in named.items()})
-            try:
-                merged_weight(torch.zeros(weight.shape, device=weight.device), named)
-            except RuntimeError:
-                shapes = {name: tuple(t.shape) for name, t in named.items() if name != "alpha"}
-                raise AdapterError(
-                    f"{path}: layer {module} does not fit this base (weight {tuple(weight.shape)}, adapter {shapes})"
-                ) from None
-        return AdapterFile(Path(path), algorithm.name, tensors)
+    def add(self, file: AdapterFile) -> None:
+        """Keep the file's tensors beside the weights they change (on their device)."""
+        for (component, module), named in file.tensors.items():
+            device = self.components[component].get_submodule(module).weight.device
+            named.update({name: value.to(device) for name, value in named.items()})
 
     @torch.no_grad()
     def apply(self, active: list[tuple[AdapterFile, float]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -10,12 +11,13 @@ from typing import Any
 
 from rich.console import Console
 
+from lora_cli.adapters.catalog import ModuleCatalog
+from lora_cli.adapters.files import AdapterFile, adapter_metadata, read_adapter
 from lora_cli.config.schema import ModelSection
 from lora_cli.errors import LoraCliError, OutputExistsError
 from lora_cli.io.atomic import write_with
 from lora_cli.io.pickle_file import as_safetensors
-from lora_cli.sampling import generate_images, image_grid
-from lora_cli.sampling.patcher import AdapterFile
+from lora_cli.sampling import generate_images, image_grid, pipeline_default
 from lora_cli.sampling.png import save_png
 from lora_cli.sampling.schedulers import make_scheduler
 from lora_cli.sampling.switcher import make_switcher
@@ -31,8 +33,9 @@ class SampleRequest:
     negative_prompt: str = ""
     seed: int = 0
     images_per_prompt: int = 1
-    steps: int = 25
-    guidance_scale: float = 7.5
+    steps: int | None = None  # None: the pipeline's default for the architecture
+    guidance_scale: float | None = None  # None: likewise (Flux: embedded guidance 3.5)
+    text_tokens: int | None = None  # T5 length; None: what the adapters were trained with, else the base's
     size: int | None = None
     scheduler: str = "default"
     scales: list[float] | None = None
@@ -89,18 +92,27 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     spec = ModelSection(
         path=request.base, config=request.config, dtype=dtype, allow_pickle=request.allow_pickle,
-        quantize=request.quantize,
+        quantize=request.quantize, max_text_tokens=request.text_tokens or trained_text_tokens(adapter_paths, console),
     )  # fmt: skip
     base = load_base(spec)
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.to(device)
     base.pipeline_extras["scheduler"] = make_scheduler(request.scheduler, base.pipeline_extras["scheduler"])
     pipeline = base.architecture.build_pipeline(base)
-    switcher = make_switcher(base.trainable_components(), base.architecture.kohya_table, adapter_paths)
-    files = [switcher.read(path) for path in adapter_paths]
-    for line in quantization_warnings(base, adapter_paths, request.quantize):
+    components = base.trainable_components()
+    catalog = ModuleCatalog.from_components(base.architecture, components)
+    files = [read_adapter(path, catalog) for path in adapter_paths]
+    for line in quantization_warnings(base, files, request.quantize):
         console.print(f"[yellow]warning[/]: {line}", highlight=False)
-    size = request.size or base.architecture.native_size(base)
+    switcher = make_switcher(components, files)
+    settings = DrawSettings(
+        steps=request.steps or pipeline_default(pipeline, "num_inference_steps"),
+        guidance_scale=request.guidance_scale
+        if request.guidance_scale is not None
+        else pipeline_default(pipeline, "guidance_scale"),
+        size=request.size or base.architecture.native_size(base),
+        text_tokens=base.pipeline_extras.get("text_tokens"),
+    )
     rows = [(prompt, request.seed + i) for prompt in request.prompts for i in range(request.images_per_prompt)]
     columns = plan_columns(request, files)
 
@@ -116,15 +128,16 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
                 pipeline,
                 [prompt for prompt, _ in rows],
                 [seed for _, seed in rows],
-                request.steps,
-                request.guidance_scale,
+                settings.steps,
+                settings.guidance_scale,
                 request.negative_prompt,
-                size,
+                settings.size,
                 on_batch=lambda count: progress.advance(task, count),
                 frames=request.frames,
+                text_tokens=settings.text_tokens,
             )
             for row, ((prompt, seed), image) in enumerate(zip(rows, images, strict=True)):
-                params = _params(request, column, prompt, seed, size)
+                params = _params(request, settings, column, prompt, seed)
                 path = request.out / f"{row:03d}-{number:02d}-{_slug(column.label)}-seed{seed}.png"
                 save_png(image, path, params)
                 written.append(path)
@@ -134,6 +147,38 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
     grid = image_grid(grid_cells, labels, [column.label for column in columns])
     write_with(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
     return [*written, grid_path]
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """What every image of a grid is drawn with, defaults resolved (and recorded in each PNG)."""
+
+    steps: int
+    guidance_scale: float
+    size: int
+    text_tokens: int | None
+
+
+def trained_text_tokens(adapter_paths: list[Path], console: Console) -> int | None:
+    """The T5 token limit the adapters were trained with (lora-cli records its preset); the first one recorded
+    wins, and adapters that disagree are reported."""
+    recorded = []
+    for path in adapter_paths:
+        preset = adapter_metadata(path).get("lora_cli.preset")
+        try:
+            tokens = json.loads(preset).get("model", {}).get("max_text_tokens") if preset else None
+        except (json.JSONDecodeError, AttributeError):
+            tokens = None
+        if isinstance(tokens, int) and tokens > 0:
+            recorded.append((path, tokens))
+    if len({tokens for _, tokens in recorded}) > 1:
+        listed = ", ".join(f"{path.name}: {tokens}" for path, tokens in recorded)
+        console.print(
+            f"[yellow]warning[/]: the adapters were trained with different T5 token limits ({listed}); drawing "
+            f"with {recorded[0][1]} (set --text-tokens to choose)",
+            highlight=False,
+        )
+    return recorded[0][1] if recorded else None
 
 
 def _device(name: str):
@@ -146,16 +191,17 @@ def _device(name: str):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _params(request: SampleRequest, column: Column, prompt: str, seed: int, size: int) -> dict[str, Any]:
+def _params(request: SampleRequest, settings: DrawSettings, column: Column, prompt: str, seed: int) -> dict[str, Any]:
     return {
         "prompt": prompt,
         "negative_prompt": request.negative_prompt,
         "seed": seed,
-        "steps": request.steps,
-        "guidance_scale": request.guidance_scale,
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
         "scheduler": request.scheduler,
-        "width": size,
-        "height": size,
+        "width": settings.size,
+        "height": settings.size,
+        "text_tokens": settings.text_tokens,
         "base": request.base,
         "adapters": [{"name": f.path.name, "path": str(f.path), "scale": s} for f, s in column.active],
     }
@@ -165,29 +211,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.@+-]+", "_", text)[:60]
 
 
-def quantization_warnings(base: Any, adapter_paths: list[Path], quantize: str) -> list[str]:
+def quantization_warnings(base: Any, files: list[AdapterFile], quantize: str) -> list[str]:
     """For adapters trained on a quantized base and drawn on a different one: how many of their layers change
     less than that quantization's error."""
     from lora_cli.adapters.functional import delta_weight
-    from lora_cli.adapters.targets import adaptable_module_names
-    from lora_cli.io.adapter_file import read_adapter
-    from lora_cli.io.keys import kohya_module_index
-    from lora_cli.io.safetensors_file import read_metadata
     from lora_cli.models.quantize import hidden_by_quantization, hidden_warning, trained_quantized
 
     components = base.trainable_components()
     lines = []
-    for path in adapter_paths:
-        mode = trained_quantized(read_metadata(path, LoraCliError))
+    for file in files:
+        mode = trained_quantized(file.metadata)
         if mode is None or mode == quantize:
             continue
-        modules = {name: adaptable_module_names(model) for name, model in components.items()}
-        _, tensors, _ = read_adapter(path, kohya_module_index(modules, base.architecture.kohya_table))
         hidden = 0
-        for (component, module), named in tensors.items():
+        for (component, module), named in file.tensors.items():
             layer = components[component].get_submodule(module)
             weight = getattr(layer, "base_layer", layer).weight.detach()
             hidden += hidden_by_quantization(weight, delta_weight(named, weight.shape), mode)
         if hidden:
-            lines.append(hidden_warning(path.name, hidden, len(tensors), mode))
+            lines.append(hidden_warning(file.path.name, hidden, len(file.tensors), mode))
     return lines

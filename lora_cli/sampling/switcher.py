@@ -11,30 +11,25 @@ from pathlib import Path
 
 from torch import nn
 
-from lora_cli.adapters.loading import load_adapter_file
-from lora_cli.adapters.registry import detect_algorithm
-from lora_cli.errors import AdapterError
-from lora_cli.io.keys import KohyaTable
-from lora_cli.io.safetensors_file import read_header
-from lora_cli.sampling.patcher import AdapterFile, WeightPatcher
+from lora_cli.adapters.files import AdapterFile
+from lora_cli.adapters.loading import inject_adapter_file
+from lora_cli.sampling.patcher import WeightPatcher
 
 
 class BypassSwitcher:
     """All adapters of one algorithm, injected side by side; `apply` picks the active ones and scales."""
 
-    def __init__(self, components: dict[str, nn.Module], table: KohyaTable) -> None:
+    def __init__(self, components: dict[str, nn.Module]) -> None:
         self.components = components
-        self.table = table
         self.names: dict[Path, str] = {}
         self._layers: list[nn.Module] = []
 
-    def read(self, path: str | Path) -> AdapterFile:
+    def add(self, file: AdapterFile) -> None:
         name = f"adapter{len(self.names)}"
-        adapter = load_adapter_file(self.components, self.table, path, name)
-        self.names[Path(path)] = name
+        inject_adapter_file(self.components, file, name)
+        self.names[file.path] = name
         self._layers = [m for c in self.components.values() for m in c.modules() if hasattr(m, "set_scale")]
         self.apply([])
-        return AdapterFile(Path(path), adapter.algorithm.name, {})
 
     def apply(self, active: list[tuple[AdapterFile, float]]) -> None:
         chosen = [(self.names[file.path], scale) for file, scale in active if scale != 0]
@@ -51,21 +46,21 @@ class BypassSwitcher:
         self.apply([])
 
 
-def make_switcher(components: dict[str, nn.Module], table: KohyaTable, paths: list[Path]):
+def make_switcher(components: dict[str, nn.Module], files: list[AdapterFile]) -> BypassSwitcher | WeightPatcher:
     """Bypass switching when the adapters share one algorithm; weight patching for a mix, and for DoRA,
     whose strength means interpolating towards the DoRA weight (as in ComfyUI and lora-merge) rather than
-    peft's scaling inside the norm."""
-    kinds = {_algorithm_of(path) for path in paths}
-    if len(kinds) <= 1 and "dora" not in kinds:
-        return BypassSwitcher(components, table)
-    return WeightPatcher(components, table)
+    peft's scaling inside the norm. The files are added to the switcher."""
+    switcher = BypassSwitcher(components) if uses_bypass(files) else WeightPatcher(components)
+    for file in files:
+        switcher.add(file)
+    return switcher
 
 
-def _algorithm_of(path: Path) -> str:
-    header = read_header(path, AdapterError)
-    names = {key.split(".", 1)[1] for key in header if key != "__metadata__" and "." in key}
-    if any(name == "dora_scale" or name.startswith("lora_magnitude_vector") for name in names):
-        return "dora"
-    if not any(key.startswith("lora_") for key in header):
-        return "lora"  # the diffusers/peft layout holds LoRA only
-    return detect_algorithm(names, str(path)).name
+def uses_bypass(files: list[AdapterFile]) -> bool:
+    """Whether these adapters can be switched in bypass: one algorithm, no DoRA."""
+    kinds = {_kind(file) for file in files}
+    return len(kinds) <= 1 and "dora" not in kinds
+
+
+def _kind(file: AdapterFile) -> str:
+    return "dora" if any("dora_scale" in named for named in file.tensors.values()) else file.algorithm.name

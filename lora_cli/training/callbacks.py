@@ -149,6 +149,7 @@ class Previews:
                 sample.negative_prompt,
                 session.preset.data.resolution,
                 frames=session.preset.data.frames,
+                text_tokens=session.base.pipeline_extras.get("text_tokens"),
             )
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)

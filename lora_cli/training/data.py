@@ -17,6 +17,7 @@ from datasets_tools.buckets import assign_bucket, bucket_step, make_buckets
 from datasets_tools.clips import clip_info, read_clip
 from datasets_tools.images import image_size
 from datasets_tools.scan import DatasetItem, dataset_fingerprint, file_digest
+from lora_cli.diffusion.geometry import CropGeometry
 
 
 @dataclass(frozen=True)
@@ -63,19 +64,6 @@ class TrainingData:
         buckets = [(g.width, g.height) for g in geometry]
         fingerprint = dataset_fingerprint(everything, digests)
         return cls(everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps)
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """How an image becomes a training sample: its original size, the crop offset in the scaled image and
-    the bucket size (SDXL's micro-conditioning feeds these to the model)."""
-
-    original_width: int
-    original_height: int
-    crop_left: int
-    crop_top: int
-    width: int
-    height: int
 
 
 def crop_geometry(item: DatasetItem, resolution: int, clips: bool = False) -> CropGeometry:

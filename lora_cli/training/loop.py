@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from lora_cli.diffusion.losses import sample_noise, weighted_mse
 from lora_cli.errors import TrainingDivergedError, TrainingInterrupted
 from lora_cli.training.callbacks import Callback
 from lora_cli.training.data import prepare_caption
 from lora_cli.training.distributed import average_text_encoder_gradients
 from lora_cli.training.interrupt import StopRequest
-from lora_cli.training.losses import sample_noise, weighted_mse
 from lora_cli.training.session import BatchSample, TrainingSession
 from lora_cli.training.sharding import gradient_sync_paused
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from lora_cli import __version__
 from lora_cli.adapters.injection import InjectedAdapter
+from lora_cli.adapters.registry import get_algorithm
 from lora_cli.config.schema import Preset
 from lora_cli.errors import OutputExistsError
 from lora_cli.io.atomic import remove_directory
-from lora_cli.models.base import BaseIdentity
+from lora_cli.models.base import Architecture, BaseIdentity
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,13 @@ def remove_stale_temporaries(paths: RunPaths) -> int:
     return len(stale)
 
 
-def adapter_format(preset: Preset, architecture: object) -> str:
-    """`output.format`, or the architecture's usual layout (kohya/LyCORIS keys for LoHa and LoKr, which the
-    diffusers layout cannot hold)."""
+def adapter_format(preset: Preset, architecture: Architecture) -> str:
+    """`output.format`, or the architecture's usual layout where the algorithm fits in it (LoHa and LoKr only
+    fit kohya/LyCORIS keys)."""
     if preset.output.format is not None:
         return preset.output.format
-    if preset.adapter.type not in ("lora", "locon"):
-        return "kohya"
-    return architecture.default_format
+    formats = get_algorithm(preset.adapter.type).formats
+    return architecture.default_format if architecture.default_format in formats else formats[0]
 
 
 def adapter_metadata(
@@ -121,7 +121,7 @@ def adapter_metadata(
         "lora_cli.step": str(step),
         "lora_cli.dataset_fingerprint": dataset_fingerprint,
         # kohya's keys, shown by A1111/ComfyUI tools that inspect LoRA files.
-        "ss_network_module": "networks.lora" if spec.algorithm in ("lora", "locon") else "lycoris.kohya",
+        "ss_network_module": adapter.algorithm.kohya_network_module,
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": str(spec.alpha),
         "ss_sd_model_name": identity.source,

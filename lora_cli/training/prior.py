@@ -76,6 +76,7 @@ def _generate(preset: Preset, base: LoadedBase, folder: Path, accelerator: Any) 
         prior.guidance_scale,
         "",
         preset.data.resolution,
+        text_tokens=base.pipeline_extras.get("text_tokens"),
     )
     drawn = [(index, _png(image)) for index, image in zip(mine, images, strict=True)]
     if accelerator is not None and world > 1:

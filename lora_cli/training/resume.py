@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lora_cli.adapters.keys import from_kohya, to_kohya
 from lora_cli.errors import CheckpointError
-from lora_cli.io.keys import from_kohya, kohya_module_index, to_kohya
 from lora_cli.sharded_tensors import gather_state
 from lora_cli.training.checkpoint import (
     TrainingState,
@@ -95,8 +95,8 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
     adapter_flat, state = load_checkpoint(folder)
     _check_unchanged(session, state.preset, state.processes, folder)
     table = session.base.architecture.kohya_table
-    index = kohya_module_index(session.adapter.targets, table)
-    session.adapter.load_tensors(from_kohya(adapter_flat, index, str(folder)), str(folder))
+    tensors = from_kohya(adapter_flat, table, session.adapter.targets, str(folder))
+    session.adapter.load_tensors(tensors, str(folder))
     session.optimizer.load_state_dict(shard_optimizer_state(session.optimizer, state.optimizer))
     session.scheduler.load_state_dict(state.scheduler)
     if state.grad_scaler and session.accelerator.scaler:

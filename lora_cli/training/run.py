@@ -8,12 +8,12 @@ from pathlib import Path
 from rich.console import Console
 
 from datasets_tools.check import Report
+from lora_cli.adapters.files import write_adapter
 from lora_cli.adapters.injection import InjectedAdapter
+from lora_cli.adapters.keys import AdapterTensors
 from lora_cli.config import Preset, preset_to_yaml
 from lora_cli.errors import OutputWriteError
-from lora_cli.io.adapter_file import save_adapter
 from lora_cli.io.atomic import write_text_atomic
-from lora_cli.io.keys import AdapterTensors
 from lora_cli.models import LoadedBase
 from lora_cli.sharded_tensors import gather_state
 from lora_cli.training.data import TrainingData
@@ -102,13 +102,13 @@ def _write_adapter(session: TrainingSession, tensors: AdapterTensors) -> None:
     preset = session.preset
     metadata = adapter_metadata(preset, session.base.identity, session.adapter, session.step, session.data.fingerprint)
     try:
-        save_adapter(
+        write_adapter(
             session.paths.adapter,
             tensors,
             session.adapter.ranks(),
             session.adapter.algorithm,
             adapter_format(preset, session.base.architecture),
-            session.base.architecture.kohya_table,
+            session.base.architecture,
             metadata,
         )
     except OSError as exc:
@@ -148,14 +148,3 @@ def _describe_plan(
         highlight=False,
     )
     console.print(f"architecture: {base.identity.architecture}; base fingerprint {base.identity.fingerprint[:16]}")
-
-
-def describe_memory(
-    preset: Preset, console: Console, vram: int | None = None, ram: int | None = None, processes: int = 1
-) -> None:
-    """`--plan`: the estimated peaks and, with budgets, the changes that fit; reads only weight headers."""
-    from lora_cli.planning.report import plan_report
-
-    scan = scan_dataset(preset)
-    report = plan_report(preset, vram, ram, images=len(scan.items), processes=processes)
-    console.print(report, highlight=False, markup=False, soft_wrap=True)

@@ -19,8 +19,8 @@ import torch
 from lora_cli.config.schema import Preset, fsdp_conflict
 from lora_cli.errors import PresetError
 from lora_cli.models import LoadedBase
-from lora_cli.planning.units import format_size
 from lora_cli.sharded_tensors import is_sharded, shard_like
+from lora_cli.units import format_size
 
 
 def refuse_unsupported_launch() -> None:

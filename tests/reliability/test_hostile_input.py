@@ -115,7 +115,7 @@ def test_adapters_that_do_not_fit_the_base(tiny_sd, lora_file, tmp_path) -> None
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
     save_file(tensors, wrong_shape)
     for adapter, message in [
-        (stray, "match nothing in the base"),
+        (stray, "none of its 1 layers matches this stable-diffusion base"),
         (wrong_shape, "does not fit this base"),
     ]:
         sampled = run_command(

@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 
 from datasets_tools.scan import file_digest
+from lora_cli.adapters.catalog import ModuleCatalog
+from lora_cli.adapters.files import PEFT_WEIGHTS, read_adapter
 from lora_cli.adapters.functional import delta_weight, merged_weight
+from lora_cli.adapters.keys import ModuleKey
 from lora_cli.errors import AdapterError, ModelLoadError, OutputExistsError
-from lora_cli.io.adapter_file import read_adapter
 from lora_cli.io.atomic import atomic_directory
-from lora_cli.io.keys import ModuleKey
 from lora_cli.io.pickle_file import as_safetensors
 from lora_cli.io.safetensors_stream import stream_rewrite
 from lora_cli.models.quantize import hidden_by_quantization, hidden_warning, trained_quantized
 from lora_cli.models.single_file import Placement
 from lora_cli.models.single_file_writer import write_single_file
-from lora_cli.models.weights import WEIGHT, BaseWeights, open_base_weights, unplace
+from lora_cli.models.source import open_base_source
+from lora_cli.models.weights import WEIGHT, BaseWeights, read_weights, unplace
 
 
 @dataclass
@@ -51,69 +53,85 @@ Plan = dict[ModuleKey, list[tuple[Path, dict, float]]]
 
 
 def merge_adapters(
-    base: Path,
+    base: str | Path,
     adapters: list[tuple[Path, float]],
     out: Path,
     allow_partial: bool = False,
     allow_pickle: bool = False,
 ) -> MergeResult:
-    """Write BASE with the adapters folded in to OUT, atomically. A diffusers folder gives a folder, or a
-    single file when OUT ends in `.safetensors`; a single-file checkpoint gives a single file. Pickle files
-    are refused unless `allow_pickle` (then read with restricted unpickling)."""
-    base, out = Path(base), Path(out)
-    _check_paths(base, out)
-    inputs = [base, *(path for path, _ in adapters)]
-    with as_safetensors(inputs, allow_pickle, out.parent) as (base_file, *adapter_files):
+    """Write BASE with the adapters folded in to OUT, atomically. BASE is anything `--base` takes (a diffusers
+    folder, a single file, builtin:NAME, a hub id); a folder gives a folder, or a single file when OUT ends in
+    `.safetensors`; a single-file checkpoint gives a single file. Pickle files are refused unless
+    `allow_pickle` (then read with restricted unpickling)."""
+    out = Path(out)
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists; choose a new output path (nothing is ever overwritten)")
+    with (
+        open_base_source(str(base), "BASE", allow_pickle=allow_pickle) as source,
+        as_safetensors([path for path, _ in adapters], allow_pickle, out.parent) as adapter_files,
+    ):
+        if out.resolve() == source.location.resolve():
+            raise OutputExistsError(f"{out}: the output must not be the base itself")
         readable = [(file, weight, original) for file, (original, weight) in zip(adapter_files, adapters, strict=True)]
-        return _merge(base_file, readable, out, allow_partial)
+        return _merge(read_weights(source), readable, out, allow_partial)
 
 
-def _merge(base: Path, adapters: list[tuple[Path, float, Path]], out: Path, allow_partial: bool) -> MergeResult:
+def _merge(
+    weights: BaseWeights, adapters: list[tuple[Path, float, Path]], out: Path, allow_partial: bool
+) -> MergeResult:
     """The merge itself; each adapter is (file to read, weight, the user's path for messages and records)."""
-    weights = open_base_weights(base)
     if weights.is_single_file and out.suffix.lower() != ".safetensors":
         raise OutputExistsError(f"{out}: the base is a single file, so OUT must be a .safetensors file too")
-    index = weights.kohya_index()
+    catalog = ModuleCatalog.from_weights(weights)
     plan: Plan = {}
     result = MergeResult(out, 0)
     records = []
     for path, weight, original in adapters:
-        unmatched: list[str] = []
-        _, tensors, adapter_metadata = read_adapter(path, index, unmatched if allow_partial else None)
-        if unmatched:
-            result.unmatched[str(original)] = unmatched
-        mode = trained_quantized(adapter_metadata)
+        file = read_adapter(path, catalog, allow_partial)
+        if file.unmatched:
+            result.unmatched[str(original)] = file.unmatched
+        mode = trained_quantized(file.metadata)
         if mode is not None:
-            result.quantization[str(original)] = [mode, 0, len(tensors)]
-        for key, named in tensors.items():
+            result.quantization[str(original)] = [mode, 0, len(file.tensors)]
+        for key, named in file.tensors.items():
             plan.setdefault(key, []).append((original, named, weight))
-        record = {"file": original.name, "sha256": file_digest(original), "weight": weight, "layers": len(tensors)}
+        record = {"file": original.name, "sha256": _digest(path), "weight": weight, "layers": len(file.tensors)}
         records.append(record)
     metadata = {"lora_cli.merged": json.dumps(records)}
-    merger = _Merger(plan, result)
+    merger = _Merger(plan, result, weights)
     if weights.is_single_file:
         _merge_single_file(weights, merger, out, metadata)
     elif out.suffix.lower() == ".safetensors":
-        write_single_file(base, out, metadata, merger.module_transform)
+        write_single_file(weights.path, out, metadata, merger.file_transform)
     else:
         _merge_folder(weights, merger, out, metadata)
     return result
 
 
+def _digest(path: Path) -> str:
+    """sha256 of an adapter file (of a peft folder: of its weights)."""
+    return file_digest(path / PEFT_WEIGHTS if path.is_dir() else path)
+
+
 class _Merger:
     """Folds the planned adapter layers into weights: float32, in adapter order, checked finite."""
 
-    def __init__(self, plan: Plan, result: MergeResult) -> None:
-        self.plan, self.result = plan, result
+    def __init__(self, plan: Plan, result: MergeResult, weights: BaseWeights) -> None:
+        self.plan, self.result, self.weights = plan, result, weights
 
-    def wanted(self, component: str, name: str) -> bool:
-        return name.endswith(WEIGHT) and (component, name[: -len(WEIGHT)]) in self.plan
+    def wanted(self, component: str, file_key: str) -> bool:
+        return self._module(component, file_key) in self.plan
 
-    def module_transform(self, component: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` (diffusers parameter `name` of `component`) with the adapters merged, in its dtype."""
-        if not self.wanted(component, name):
+    def file_transform(self, component: str, file_key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (stored under `file_key` in `component`'s files) with the adapters merged, in its dtype."""
+        key = self._module(component, file_key)
+        if key not in self.plan:
             return tensor
-        return self.merge((component, name[: -len(WEIGHT)]), tensor.float()).to(tensor.dtype)
+        return self.merge(key, tensor.float()).to(tensor.dtype)
+
+    def _module(self, component: str, file_key: str) -> ModuleKey | None:
+        name = self.weights.parameter_of(component, file_key)
+        return (component, name[: -len(WEIGHT)]) if name is not None and name.endswith(WEIGHT) else None
 
     def merge(self, key: ModuleKey, merged: torch.Tensor) -> torch.Tensor:
         original_shape = tuple(merged.shape)
@@ -156,7 +174,7 @@ def _merge_folder(weights: BaseWeights, merger: _Merger, out: Path, metadata: di
                 stream_rewrite(
                     source,
                     target,
-                    lambda name, tensor, c=component: merger.module_transform(c, name, tensor),
+                    lambda name, tensor, c=component: merger.file_transform(c, name, tensor),
                     lambda name, c=component: merger.wanted(c, name),
                     metadata,
                     ModelLoadError,
@@ -165,9 +183,11 @@ def _merge_folder(weights: BaseWeights, merger: _Merger, out: Path, metadata: di
 
 def _merge_single_file(weights: BaseWeights, merger: _Merger, out: Path, metadata: dict[str, str]) -> None:
     held: dict[str, list[tuple[ModuleKey, Placement]]] = {}
-    for key, placement in weights.placements.items():
-        if key in merger.plan:
-            held.setdefault(placement.key, []).append((key, placement))
+    for component, named in weights.tensors.items():
+        for name, stored in named.items():
+            key = (component, name.removesuffix(WEIGHT))
+            if name.endswith(WEIGHT) and key in merger.plan:
+                held.setdefault(stored.file_key, []).append((key, stored.placement))
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         (key, placement), *others = held[name]
@@ -180,12 +200,3 @@ def _merge_single_file(weights: BaseWeights, merger: _Merger, out: Path, metadat
         return merged.to(tensor.dtype)
 
     stream_rewrite(weights.path, out, transform, lambda name: name in held, metadata, ModelLoadError)
-
-
-def _check_paths(base: Path, out: Path) -> None:
-    if not base.exists():
-        raise ModelLoadError(f"{base}: no such folder or file")
-    if out.exists():
-        raise OutputExistsError(f"{out} already exists; choose a new output path (nothing is ever overwritten)")
-    if out.resolve() == base.resolve():
-        raise OutputExistsError(f"{out}: the output must not be the base itself")

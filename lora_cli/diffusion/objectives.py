@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from lora_cli.config.schema import FlowSection
-from lora_cli.training.losses import min_snr_weights, prediction_target, sample_timesteps, snr
+from lora_cli.diffusion.losses import min_snr_weights, prediction_target, sample_timesteps, snr
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import FlowSection
 
 
 @dataclass

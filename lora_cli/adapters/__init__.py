@@ -1,0 +1,1 @@
+"""Adapter algorithms (registry, math, peft injection) and the one owner of adapter files."""

@@ -1,0 +1,1 @@
+"""Diffusion training math below the architectures: noise objectives, losses, sample geometry."""

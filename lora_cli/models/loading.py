@@ -1,0 +1,34 @@
+"""Load a base for training or sampling: resolve it, build its frozen components, optionally quantize."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lora_cli.errors import ModelLoadError
+from lora_cli.models.base import LoadedBase
+from lora_cli.models.source import open_base_source
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import ModelSection
+
+
+def load_base(spec: ModelSection) -> LoadedBase:
+    """Load the base named by the preset's `model` section, frozen, in its storage dtype."""
+    import torch
+
+    where = "model.path"
+    with open_base_source(spec.path, where, spec.revision, spec.variant, spec.allow_pickle) as source:
+        try:
+            base = source.architecture.load(spec, source, getattr(torch, spec.dtype))
+        except (OSError, ValueError, KeyError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"{where}: cannot load {spec.path}: {message[:300]}") from None
+    if spec.quantize != "none":
+        from lora_cli.models.quantize import quantize_linear_layers
+
+        compute_dtype = getattr(torch, spec.dtype)
+        base.pipeline_extras["quantization"] = quantize_linear_layers(base.denoiser, spec.quantize, compute_dtype)
+    for module in (base.denoiser, base.vae, *base.text_encoders.values()):
+        module.requires_grad_(False)
+        module.eval()
+    return base
