@@ -147,7 +147,9 @@ def test_dit_text_encoder_adapters_cover_the_encoders_the_community_trains(tiny_
     assert components == {"transformer", *architecture.trained_text_encoders}  # Flux/SD3 leave T5 frozen
 
 
-def test_flux_samples_with_its_pipelines_defaults_and_the_adapters_token_limit(tiny_base, shapes_data, tmp_path) -> None:
+def test_flux_samples_with_its_pipelines_defaults_and_the_adapters_token_limit(
+    tiny_base, shapes_data, tmp_path
+) -> None:
     """Without --steps/--guidance, lora-sample draws a Flux base as diffusers' FluxPipeline does by default
     (28 steps, embedded guidance 3.5), with T5 cut to the length the adapter was trained with."""
     from lora_cli.sampling.png import read_png_parameters

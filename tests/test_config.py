@@ -79,7 +79,11 @@ def test_extends_merges_sections_and_overrides_win(tmp_path: Path) -> None:
         (MINIMAL, ["adapter.targets=everything"], "preset `everything` is unknown; use one of attention"),
         (MINIMAL, ["adapter.type=loha", "adapter.dora=true"], "`adapter.dora` works with lora or locon, not loha"),
         (MINIMAL, ["adapter.type=lokr", "adapter.dropout=0.1"], "`adapter.dropout` is not available for lokr"),
-        (MINIMAL, ["adapter.type=loha", "output.format=diffusers"], "`output.format: diffusers` cannot hold loha adapters; save it as `kohya`"),
+        (
+            MINIMAL,
+            ["adapter.type=loha", "output.format=diffusers"],
+            "`output.format: diffusers` cannot hold loha adapters; save it as `kohya`",
+        ),
     ],
 )
 def test_invalid_presets_give_one_line_errors(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:

@@ -36,13 +36,19 @@ def fused_by_diffusers(folder: Path, adapter: Path | dict) -> dict[str, dict[str
     pipe.load_lora_weights(adapter if isinstance(adapter, dict) else str(adapter))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    return {name: component.state_dict() for name, component in pipe.components.items() if hasattr(component, "state_dict")}
+    return {
+        name: component.state_dict() for name, component in pipe.components.items() if hasattr(component, "state_dict")
+    }
 
 
 def merged_by_lora_cli(folder: Path, adapter: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
     merge_adapters(folder, [(adapter, 1.0)], out)
     loaded = diffusers_pipeline(out)
-    return {name: component.state_dict() for name, component in loaded.components.items() if hasattr(component, "state_dict")}
+    return {
+        name: component.state_dict()
+        for name, component in loaded.components.items()
+        if hasattr(component, "state_dict")
+    }
 
 
 def assert_same_weights(ours: dict, theirs: dict, base: dict, at_least: int) -> None:
@@ -57,7 +63,9 @@ def assert_same_weights(ours: dict, theirs: dict, base: dict, at_least: int) -> 
 
 def base_state(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     pipe = diffusers_pipeline(folder)
-    return {name: component.state_dict() for name, component in pipe.components.items() if hasattr(component, "state_dict")}
+    return {
+        name: component.state_dict() for name, component in pipe.components.items() if hasattr(component, "state_dict")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +108,10 @@ def test_diffusers_dreambooth_example_file_is_read_as_diffusers_reads_it(
     keys = list(load_file(str(file)))
     assert any(".to_k.lora.down.weight" in k for k in keys) and any("lora_linear_layer.down" in k for k in keys)
     assert_same_weights(
-        merged_by_lora_cli(tiny_sd, file, tmp_path / "merged"), fused_by_diffusers(tiny_sd, file), base_state(tiny_sd), 20
+        merged_by_lora_cli(tiny_sd, file, tmp_path / "merged"),
+        fused_by_diffusers(tiny_sd, file),
+        base_state(tiny_sd),
+        20,
     )
     info = run_command("info", str(file), "--base", str(tiny_sd), "--json")
     report = json.loads(info.stdout)
@@ -147,9 +158,7 @@ def test_peft_save_pretrained_folder(tiny_sd: Path, tmp_path: Path) -> None:
     assert report["layout"] == "peft" and report["alphas"] == {"12.0": report["layers"]}
 
 
-def test_comfyui_and_kohya_original_unet_names_read_like_diffusers_names(
-    tiny_sdxl: Path, tmp_path: Path
-) -> None:
+def test_comfyui_and_kohya_original_unet_names_read_like_diffusers_names(tiny_sdxl: Path, tmp_path: Path) -> None:
     """kohya's SDXL LoRAs name UNet layers by the original blocks (`lora_unet_input_blocks_4_1_…`); diffusers'
     SDXL loader maps them with the UNet's config. lora-cli merges them as diffusers fuses them, and reads the
     same layers in ComfyUI's `diffusion_model.<original path>` spelling identically."""
@@ -166,14 +175,20 @@ def test_comfyui_and_kohya_original_unet_names_read_like_diffusers_names(
         down = torch.randn(4, in_features, *unet[f"{module}.weight"].shape[2:], generator=generator) * 0.1
         up = torch.randn(out_features, 4, *([1, 1] if down.dim() == 4 else []), generator=generator) * 0.1
         stem = "lora_unet_" + original[module].replace(".", "_")
-        kohya.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)})
+        kohya.update(
+            {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)}
+        )
         path = f"diffusion_model.{original[module]}"
-        comfy.update({f"{path}.lora_down.weight": down, f"{path}.lora_up.weight": up, f"{path}.alpha": torch.tensor(2.0)})
+        comfy.update(
+            {f"{path}.lora_down.weight": down, f"{path}.lora_up.weight": up, f"{path}.alpha": torch.tensor(2.0)}
+        )
     assert any("input_blocks" in k for k in kohya)
     save_file(kohya, str(tmp_path / "kohya.safetensors"))
     save_file(comfy, str(tmp_path / "comfy.safetensors"))
     ours = merged_by_lora_cli(tiny_sdxl, tmp_path / "kohya.safetensors", tmp_path / "m1")
-    assert_same_weights(ours, fused_by_diffusers(tiny_sdxl, tmp_path / "kohya.safetensors"), base_state(tiny_sdxl), len(chosen))
+    assert_same_weights(
+        ours, fused_by_diffusers(tiny_sdxl, tmp_path / "kohya.safetensors"), base_state(tiny_sdxl), len(chosen)
+    )
     from_comfy = merged_by_lora_cli(tiny_sdxl, tmp_path / "comfy.safetensors", tmp_path / "m2")
     for name, value in ours["unet"].items():
         assert torch.equal(from_comfy["unet"][name], value), name
@@ -250,11 +265,15 @@ def test_flux_kohya_and_comfyui_original_names_merge_as_diffusers_fuses_them(tin
     for name in ("kohya-flux", "comfy-flux", "bfl-flux"):
         merged[name] = merged_by_lora_cli(flux, tmp_path / f"{name}.safetensors", tmp_path / f"merged-{name}")
     for name in ("kohya-flux", "comfy-flux"):
-        assert_same_weights(merged[name], fused_by_diffusers(flux, load_file(str(tmp_path / f"{name}.safetensors"))), base, 11)
+        assert_same_weights(
+            merged[name], fused_by_diffusers(flux, load_file(str(tmp_path / f"{name}.safetensors"))), base, 11
+        )
     # BFL's peft-style factor names (`lora_A`), which diffusers' loader reads only in its control-LoRA converter.
     for name, value in merged["comfy-flux"]["transformer"].items():
         assert torch.equal(merged["bfl-flux"]["transformer"][name], value), name
-    report = json.loads(run_command("info", str(tmp_path / "kohya-flux.safetensors"), "--base", str(flux), "--json").stdout)
+    report = json.loads(
+        run_command("info", str(tmp_path / "kohya-flux.safetensors"), "--base", str(flux), "--json").stdout
+    )
     assert report["layout"] == "kohya (Flux original names)" and report["fit"]["fits"]
 
 

@@ -384,7 +384,9 @@ def test_single_file_inventory_equals_the_folder(tiny_sd: Path, tmp_path: Path) 
 
 
 def test_unreadable_bases_are_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="cannot find hub model someone/not-downloaded-model locally or on the hub"):
+    with pytest.raises(
+        ModelLoadError, match="cannot find hub model someone/not-downloaded-model locally or on the hub"
+    ):
         read_inventory(ModelSection(path="someone/not-downloaded-model"))
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x02}q\x00.")
