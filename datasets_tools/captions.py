@@ -3,32 +3,53 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 from datasets_tools.findings import Finding
 from datasets_tools.scan import DatasetItem
 
 SHARED_CAPTION_MIN = 3
+SHOWN_FILES = 5  # files a shared-caption finding names before counting the rest
 DOMINANT_SHARE = 0.9
 STOPWORDS = {"a", "an", "the", "of", "and", "with", "in", "on", "at", "photo", "picture", "image", "to", "is"}
 
 
+def estimate_tokens(caption: str) -> int:
+    """A tokenizer-free estimate for CLIP-style limits: one token per word and per punctuation mark, plus the
+    start and end tokens. BPE splits rare and long words further, so the true count is at least this."""
+    return 2 + len(re.findall(r"\w+|[^\w\s]", caption))
+
+
 def caption_findings(
-    items: list[DatasetItem], trigger: str | None, count_tokens: Callable[[str], int] | None, max_tokens: int
+    items: list[DatasetItem],
+    trigger: str | None,
+    count_tokens: Callable[[str], int] | None,
+    max_tokens: int,
+    counted_by: str = "",
 ) -> list[Finding]:
+    """Findings over every caption. Lengths are counted with `count_tokens` (described by `counted_by`), or
+    estimated with `estimate_tokens` against `max_tokens` when no tokenizer is given."""
     findings: list[Finding] = []
     captioned = [item for item in items if item.caption]
-    shared = Counter(item.caption for item in captioned)
-    for caption, count in shared.items():
-        if count >= SHARED_CAPTION_MIN and count < len(captioned):
+    sharing: dict[str, list[DatasetItem]] = defaultdict(list)
+    for item in captioned:
+        sharing[item.caption].append(item)
+    for caption, owners in sharing.items():
+        if SHARED_CAPTION_MIN <= len(owners) < len(captioned):
+            names = [Path(item.image).name for item in owners]
+            listed = ", ".join(names[:SHOWN_FILES]) + (
+                f" (+{len(names) - SHOWN_FILES} more)" if len(names) > SHOWN_FILES else ""
+            )
+            shown = caption if len(caption) <= 60 else caption[:57] + "..."
             findings.append(
                 Finding(
                     "info",
                     "caption",
                     "shared-caption",
-                    caption,
-                    f"the same caption on {count} images",
+                    str(owners[0].image),
+                    f'the caption "{shown}" is on {len(owners)} images: {listed}',
                     "describe what differs between them (pose, background, lighting)",
                 )
             )
@@ -45,19 +66,20 @@ def caption_findings(
                     f"add `{trigger}` to the caption",
                 )
             )
-        if count_tokens is not None:
-            tokens = count_tokens(item.caption)
-            if tokens > max_tokens:
-                findings.append(
-                    Finding(
-                        "warning",
-                        "caption",
-                        "too-long",
-                        where,
-                        f"{tokens} tokens; the text encoder reads {max_tokens}, the rest is cut",
-                        "shorten the caption or move key words to the front",
-                    )
+        tokens = (count_tokens or estimate_tokens)(item.caption)
+        if tokens > max_tokens:
+            how = counted_by if count_tokens else "estimated from words and punctuation; --base counts exactly"
+            findings.append(
+                Finding(
+                    "warning",
+                    "caption",
+                    "too-long",
+                    where,
+                    f"{'' if count_tokens else 'about '}{tokens} tokens ({how}); the text encoder reads {max_tokens}, "
+                    "the rest is cut",
+                    "shorten the caption or move key words to the front",
                 )
+            )
     findings += _dominant_tokens(captioned, trigger)
     return findings
 

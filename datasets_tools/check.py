@@ -34,8 +34,9 @@ class CheckOptions:
     batch_size: int = 1
     trigger: str | None = None
     near_threshold: int = DEFAULT_NEAR_THRESHOLD
-    count_tokens: Callable[[str], int] | None = None
-    max_tokens: int = 77
+    count_tokens: Callable[[str], int] | None = None  # None: estimated (datasets_tools.captions.estimate_tokens)
+    max_tokens: int = 77  # CLIP's limit, the SD family's; a base's own limit when its tokenizer counts
+    counted_by: str = ""  # which tokenizer counts, for messages
     upscale: bool = False
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
@@ -81,7 +82,9 @@ def check_dataset(folder: str | Path, options: CheckOptions) -> Report:
     good = [info for info in infos if info.ok]
     for info in infos:
         report.findings += info.findings
-    report.findings += caption_findings(scan.items, options.trigger, options.count_tokens, options.max_tokens)
+    report.findings += caption_findings(
+        scan.items, options.trigger, options.count_tokens, options.max_tokens, options.counted_by
+    )
     _duplicates(report, good, options.near_threshold)
     _variety(report, len(good))
     _buckets(report, good, options)
@@ -90,7 +93,7 @@ def check_dataset(folder: str | Path, options: CheckOptions) -> Report:
 
 
 def _inspect_all(paths: list[str], options: CheckOptions) -> list[ImageInfo]:
-    inspect = partial(inspect_image, resolution=options.resolution)
+    inspect = partial(inspect_image, resolution=options.resolution, upscale=options.upscale)
     if len(paths) < PARALLEL_FROM or options.workers <= 1:
         return [inspect(path) for path in paths]
     with ProcessPoolExecutor(options.workers) as pool:
@@ -101,7 +104,8 @@ def _duplicates(report: Report, infos: list[ImageInfo], threshold: int) -> None:
     report.exact_duplicates = exact_clusters({i.path: i.pixel_hash for i in infos})
     exact_members = {path for cluster in report.exact_duplicates for path in cluster[1:]}
     remaining = {i.path: (i.dhash, i.dhash_center) for i in infos if i.path not in exact_members}
-    report.near_duplicates = near_clusters(remaining, threshold)
+    thumbs = {i.path: (i.thumb, i.thumb_center) for i in infos}
+    report.near_duplicates = near_clusters(remaining, threshold, thumbs)
     for kind, clusters in (("exact-duplicate", report.exact_duplicates), ("near-duplicate", report.near_duplicates)):
         for cluster in clusters:
             others = ", ".join(Path(p).name for p in cluster[1:])

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from datasets_tools.buckets import bucket_step
 from datasets_tools.findings import Finding
 
 MAX_PIXELS = 16_384 * 16_384  # above this we refuse to decode (decompression-bomb guard)
 EXTREME_ASPECT = 3.0
 THUMB = 64  # JPEGs are decoded at about 4x this side (draft mode)
 HASH_SIDE = 16
+THUMB_SIDE = 16
 CENTER_TRIM = 0.05
 FORMAT_EXTENSIONS = {
     "JPEG": {".jpg", ".jpeg", ".jfif"},
@@ -44,10 +46,12 @@ class ImageInfo:
     pixel_hash: str = ""
     dhash: bytes = b""  # 256-bit difference hash of the whole image
     dhash_center: bytes = b""  # the same of its centre (5% trimmed per side), to catch lightly cropped copies
+    thumb: bytes = b""  # 16x16 RGB thumbnail of the whole image: the colours a luminance hash cannot see
+    thumb_center: bytes = b""  # the same of its centre
     findings: list[Finding] = field(default_factory=list)
 
 
-def inspect_image(path: str | Path, resolution: int) -> ImageInfo:
+def inspect_image(path: str | Path, resolution: int, upscale: bool = False) -> ImageInfo:
     path = Path(path)
     info = ImageInfo(str(path))
     if path.stat().st_size == 0:
@@ -69,6 +73,18 @@ def inspect_image(path: str | Path, resolution: int) -> ImageInfo:
                     )
                     return info
                 _fingerprint(image, info)
+                smallest = bucket_step(resolution)
+                if min(info.width, info.height) < smallest and not upscale:
+                    info.findings.append(
+                        _file_error(
+                            path,
+                            "too-small",
+                            f"{info.width}x{info.height} is smaller than the smallest bucket side ({smallest} px at "
+                            f"resolution {resolution}); images are never upscaled, so it cannot train",
+                            "remove it, replace it with a larger original, or allow upscaling (--upscale)",
+                        )
+                    )
+                    return info
     except UnidentifiedImageError:
         info.findings.append(
             _file_error(path, "unreadable", "not an image PIL can read", "convert it to PNG or JPEG, or delete it")
@@ -208,11 +224,11 @@ def _fingerprint(image: Image.Image, info: ImageInfo) -> None:
     image.load()
     upright = ImageOps.exif_transpose(image).convert("RGB")
     info.pixel_hash = hashlib.sha1(upright.tobytes()).hexdigest() + f"-{info.width}x{info.height}"
-    gray = upright.convert("L")
-    width, height = gray.size
+    width, height = upright.size
     trim_w, trim_h = round(width * CENTER_TRIM), round(height * CENTER_TRIM)
-    info.dhash = difference_hash(gray)
-    info.dhash_center = difference_hash(gray.crop((trim_w, trim_h, width - trim_w, height - trim_h)))
+    center = upright.crop((trim_w, trim_h, width - trim_w, height - trim_h))
+    info.dhash, info.dhash_center = difference_hash(upright.convert("L")), difference_hash(center.convert("L"))
+    info.thumb, info.thumb_center = colour_thumbnail(upright), colour_thumbnail(center)
 
 
 def difference_hash(gray: Image.Image) -> bytes:
@@ -220,6 +236,11 @@ def difference_hash(gray: Image.Image) -> bytes:
     re-compression change a few bits; different pictures differ in dozens."""
     small = np.asarray(gray.resize((HASH_SIDE + 1, HASH_SIDE), Image.Resampling.BILINEAR), dtype=np.int16)
     return np.packbits(small[:, 1:] < small[:, :-1]).tobytes()
+
+
+def colour_thumbnail(image: Image.Image) -> bytes:
+    """A THUMB_SIDE x THUMB_SIDE RGB thumbnail (box-averaged), 768 bytes."""
+    return image.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 
 def _file_error(path: Path, code: str, reason: str, fix: str) -> Finding:

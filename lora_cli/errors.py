@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+SHOWN_CHARACTERS = 100  # the most of a user's value an error message echoes (messages stay near one line)
+
+
+def shown(value: object) -> str:
+    """A value as an error message echoes it: its repr, cut to SHOWN_CHARACTERS."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}… ({len(text):,} characters)"
+
+
+def printable(name: str) -> str:
+    """A name read from a user's file (a tensor key, a layer) as a message shows it: as it is when it is printable
+    and short, else like `shown`."""
+    return name if name.isprintable() and len(name) <= SHOWN_CHARACTERS else shown(name)
+
 
 class LoraCliError(Exception):
     """Base for every error caused by user input or the environment, never by a bug."""

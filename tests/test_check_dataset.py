@@ -109,7 +109,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def report(planted: Path, tiny_sd: Path):
     from lora_cli.cli.check_dataset import _token_counter
 
-    count, limit = _token_counter(str(tiny_sd / "tokenizer"))
+    count, limit, _ = _token_counter(str(tiny_sd / "tokenizer"))
     options = CheckOptions(
         resolution=64,
         caption_extensions=[".txt"],
@@ -133,7 +133,7 @@ EXPECTED = [
     ("rotated.jpg", "info", "exif-rotation"),
     ("alpha.png", "warning", "alpha"),
     ("gray.png", "info", "mode"),
-    ("tiny.png", "warning", "small"),
+    ("tiny.png", "error", "too-small"),
     ("panorama.png", "warning", "aspect"),
     ("latin1.txt", "error", "not-utf8"),
     ("other_ext.caption", "warning", "caption-extension"),
@@ -159,9 +159,12 @@ def test_duplicates_buckets_and_variety(report, planted: Path) -> None:
     assert ["clean_5.png", "resized_clean_5.jpg"] in near
     assert ["clean_6.png", "cropped_clean_6.png"] in near
     assert len(near) == 2  # distinct pictures are never grouped
-    assert any(f.code == "shared-caption" and "several images" in f.file for f in report.findings)
+    shared = next(f for f in report.findings if f.code == "shared-caption")
+    assert 'the caption "sks one caption for several images" is on' in shared.reason
+    assert ".png" in shared.reason  # names the files
+    assert Path(shared.file).is_file()
     assert any(f.code == "thin-bucket" for f in report.findings)  # the panorama's bucket holds one image
-    assert sum(report.buckets.values()) == report.images - 3  # truncated, zero-byte and bomb are not usable
+    assert sum(report.buckets.values()) == report.images - 4  # truncated, zero-byte, bomb and 1x1 are not usable
     assert report.images == len([p for p in planted.rglob("*") if p.suffix in {".png", ".jpg", ".gif", ".bmp"}])
 
 

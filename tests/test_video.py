@@ -73,8 +73,10 @@ def test_wan_adapter_samples_merges_and_loads_in_diffusers(tiny_wan, wan_adapter
     assert all(key.startswith("transformer.blocks.") for key in keys)
 
     def strip(base: Path, out: str, adapters=()) -> np.ndarray:
+        # T5 cut to the 32 tokens the adapter was trained with, as lora-sample does by itself for the adapter
         request = SampleRequest(base=str(base), out=tmp_path / out, prompts=["a red circle moving right"], steps=2,
-                                size=64, seed=3, frames=FRAMES, adapters=list(adapters))  # fmt: skip
+                                size=64, seed=3, frames=FRAMES, adapters=list(adapters), guidance_scale=7.5,
+                                text_tokens=32)  # fmt: skip
         return np.asarray(Image.open(run_sampling(request, Console(quiet=True))[0]), dtype=np.int16)
 
     ours, base = strip(tiny_wan, "ours", [(wan_adapter, 1.0)]), strip(tiny_wan, "base")
@@ -90,7 +92,7 @@ def test_wan_adapter_samples_merges_and_loads_in_diffusers(tiny_wan, wan_adapter
     pipe.load_lora_weights(str(wan_adapter))
     generator = torch.Generator().manual_seed(3)
     video = pipe("a red circle moving right", num_inference_steps=2, height=64, width=64, num_frames=FRAMES,
-                 guidance_scale=7.5, generator=generator, max_sequence_length=512).frames[0]  # fmt: skip
+                 guidance_scale=7.5, generator=generator, max_sequence_length=32).frames[0]  # fmt: skip
     theirs = np.concatenate(list((np.clip(video, 0, 1) * 255).round().astype(np.int16)), axis=1)
     assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
 

@@ -21,7 +21,7 @@ from lora_cli.adapters.catalog import ModuleCatalog
 from lora_cli.adapters.keys import AdapterTensors, ModuleKey, to_diffusers, to_kohya
 from lora_cli.adapters.layouts import DENOISER, DIFFUSERS_METADATA_KEY, UNKNOWN, ParsedAdapter, parse_layout
 from lora_cli.adapters.registry import AdapterAlgorithm, detect_algorithm
-from lora_cli.errors import AdapterError
+from lora_cli.errors import AdapterError, printable
 from lora_cli.io.safetensors_file import load_tensors
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def load_adapter_tensors(path: str | Path, check_finite: bool = True) -> tuple[d
     if check_finite:
         bad = first_nonfinite(flat)
         if bad is not None:
-            raise AdapterError(f"{path}: tensor {bad} holds NaN or infinite values; the adapter is damaged")
+            raise AdapterError(f"{path}: tensor {printable(bad)} holds NaN or infinite values; the adapter is damaged")
     return flat, {**file_metadata, **metadata}
 
 
@@ -118,10 +118,10 @@ def read_adapter(path: str | Path, catalog: ModuleCatalog, allow_partial: bool =
     if not found.tensors:
         raise AdapterError(
             f"{path}: none of its {found.layers} layers matches this {catalog.architecture.name} base "
-            f"({found.layout} layout, e.g. {found.unmatched[0]}); is it an adapter for another model?"
+            f"({found.layout} layout, e.g. {printable(found.unmatched[0])}); is it an adapter for another model?"
         )
     if found.unmatched and not allow_partial:
-        shown = ", ".join(found.unmatched[:3]) + (
+        shown = ", ".join(printable(layer) for layer in found.unmatched[:3]) + (
             f" (+{len(found.unmatched) - 3} more)" if len(found.unmatched) > 3 else ""
         )
         raise AdapterError(f"{path}: {len(found.unmatched)} adapter layer(s) match nothing in the base, e.g. {shown}")
@@ -157,7 +157,7 @@ def read_adapter_standalone(path: str | Path, literal_stems: bool = False) -> Ad
         catalog = ModuleCatalog(architecture, {(c, m): None for c, modules in targets.items() for m in modules})
         tensors, unmatched = _match(parsed, catalog)
         if unmatched:
-            raise AdapterError(f"{path}: layer {unmatched[0]} is not among the modules its metadata lists")
+            raise AdapterError(f"{path}: layer {printable(unmatched[0])} is not among the modules its metadata lists")
     elif parsed.stems and literal_stems:
         tensors = {(_component_of_stem(stem, architecture), stem): dict(named) for stem, named in parsed.stems.items()}
     elif parsed.stems:

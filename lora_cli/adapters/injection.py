@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -86,18 +87,49 @@ class InjectedAdapter:
                 raise AdapterError(f"{source}: tensors that fit no layer, e.g. {result.unexpected_keys[0]}")
 
 
-def spec_from_section(section: AdapterSection, conv_modules: list[str]) -> AdapterSpec:
-    """Training hyper-parameters, with the conv rank/alpha applied to the Conv2d targets."""
-    conv_rank, conv_alpha = section.effective_conv_rank, section.effective_conv_alpha
+def spec_from_section(section: AdapterSection, shapes: dict[str, tuple[int, ...]]) -> AdapterSpec:
+    """Training hyper-parameters for the target modules of `shapes` (module -> weight shape): the conv rank and
+    alpha on Conv2d targets, and on layers too small for the rank, their largest usable rank (at the same
+    alpha / rank scale, so the update's strength does not change)."""
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for module, shape in shapes.items():
+        conv = len(shape) == 4
+        rank = section.effective_conv_rank if conv else section.rank
+        alpha = section.effective_conv_alpha if conv else section.effective_alpha
+        usable = usable_rank(rank, shape)
+        if usable != section.rank:
+            rank_pattern[module] = usable
+        if alpha * usable / rank != section.effective_alpha:
+            alpha_pattern[module] = alpha * usable / rank
     return AdapterSpec(
         algorithm=section.type,
         rank=section.rank,
         alpha=section.effective_alpha,
         dropout=section.dropout,
         dora=section.dora,
-        rank_pattern={m: conv_rank for m in conv_modules if conv_rank != section.rank},
-        alpha_pattern={m: conv_alpha for m in conv_modules if conv_alpha != section.effective_alpha},
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
+
+
+def rank_notice(section: AdapterSection, spec: AdapterSpec) -> str | None:
+    """One line for a rank larger than some target layers can use (they were given their usable rank)."""
+    requested = {section.rank, section.effective_conv_rank}
+    clamped = {module: rank for module, rank in spec.rank_pattern.items() if rank < min(requested)}
+    if not clamped:
+        return None
+    return (
+        f"adapter.rank {section.rank} is more than {len(clamped)} target layer(s) can use (e.g. "
+        f"{next(iter(clamped))}); they train at their largest useful rank (at most {max(clamped.values())}) with the "
+        "same alpha/rank scale"
+    )
+
+
+def usable_rank(rank: int, shape: tuple[int, ...]) -> int:
+    """The largest rank an update of a weight of `shape` can use: its smaller side (a convolution's input side
+    counts its kernel); a larger rank only adds parameters that can add nothing."""
+    return max(1, min(rank, shape[0], math.prod(shape[1:])))
 
 
 def plan_targets(base: LoadedBase, section: AdapterSection) -> dict[str, list[str]]:
@@ -122,8 +154,15 @@ def inject_adapter(base: LoadedBase, section: AdapterSection, seed: int) -> Inje
     """Wrap the targeted layers with adapter layers; only adapter weights are left trainable (float32)."""
     components = base.trainable_components()
     targets = plan_targets(base, section)
-    conv = [m for c, names in targets.items() for m in names if isinstance(components[c].get_submodule(m), nn.Conv2d)]
-    return inject_spec(components, spec_from_section(section, conv), targets, seed)
+    shapes = {m: _weight_shape(components[c].get_submodule(m)) for c, names in targets.items() for m in names}
+    return inject_spec(components, spec_from_section(section, shapes), targets, seed)
+
+
+def _weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """A target layer's logical weight shape (a quantized Linear stores its weight packed)."""
+    if isinstance(layer, nn.Conv2d):
+        return tuple(layer.weight.shape)
+    return (layer.out_features, layer.in_features)
 
 
 def inject_spec(

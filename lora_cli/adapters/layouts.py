@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from lora_cli.errors import AdapterError
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from lora_cli.errors import AdapterError, printable
 
-Named = dict[str, "torch.Tensor"]
+Named = dict[str, torch.Tensor]
 DENOISER = "@denoiser"  # the component of layouts that name only the denoiser (ComfyUI's `diffusion_model.`)
 UNKNOWN = "@component"  # peft state dicts: one component, whichever the module paths belong to
 
 PEFT_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
                 "lora_magnitude_vector": "dora_scale", "alpha": "alpha"}  # fmt: skip
 KOHYA_TENSORS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+FACTOR_PREFIXES = ("lora_down", "lora_up", "hada_", "lokr_")
 LYCORIS_PREFIXES = ("hada_", "lokr_")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' loader looks for rank/alpha
 
@@ -68,9 +67,33 @@ def _by_stem(flat: dict[str, torch.Tensor], source: str) -> dict[str, Named]:
     for key, value in flat.items():
         stem, _, name = key.partition(".")
         if not name:
-            raise AdapterError(f"{source}: key {key} has no tensor name after the layer name")
+            raise AdapterError(f"{source}: key {printable(key)} has no tensor name after the layer name")
         stems.setdefault(stem, {})[name] = value
+    for stem, named in stems.items():
+        check_factors(named, stem, source)
     return stems
+
+
+def check_factors(named: Named, layer: str, source: str) -> None:
+    """A layer's tensors must be of the kind their names say: factors are floating-point matrices (or
+    convolution kernels), alpha one number, a DoRA magnitude a floating-point vector."""
+    for name, value in named.items():
+        if name == "alpha":
+            wrong = value.numel() != 1 or value.dtype == torch.bool
+            kind = "one number"
+        elif name == "dora_scale":
+            wrong = value.dim() == 0 or not value.is_floating_point()
+            kind = "a floating-point vector"
+        elif name.startswith(FACTOR_PREFIXES):
+            wrong = value.dim() < 2 or not value.is_floating_point() or value.numel() == 0
+            kind = "a floating-point matrix"
+        else:
+            continue
+        if wrong:
+            raise AdapterError(
+                f"{source}: layer {printable(layer)}: {name} is {str(value.dtype).removeprefix('torch.')} of shape "
+                f"{tuple(value.shape)}, not {kind}; the file is damaged or not an adapter"
+            )
 
 
 def _paths(layout: str, flat: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> ParsedAdapter:
@@ -80,12 +103,16 @@ def _paths(layout: str, flat: dict[str, torch.Tensor], metadata: dict[str, str],
         component, _, rest = key.partition(".")
         suffix = next((s for s in (*PEFT_TENSORS, *KOHYA_TENSORS) if rest.endswith("." + s)), None)
         if suffix is None or not component:
-            raise AdapterError(f"{source}: unrecognised adapter key {key} (not a LoRA tensor of a known layout)")
+            raise AdapterError(
+                f"{source}: unrecognised adapter key {printable(key)} (not a LoRA tensor of a known layout)"
+            )
         name = PEFT_TENSORS.get(suffix, suffix)
         named = paths.setdefault((component, rest[: -len(suffix) - 1]), {})
         if name in named:
-            raise AdapterError(f"{source}: layer {component}.{rest[: -len(suffix) - 1]} has two {name} tensors")
+            raise AdapterError(f"{source}: layer {printable(component + '.' + rest)} has two {name} tensors")
         named[name] = value
+    for (component, module), named in paths.items():
+        check_factors(named, f"{component}.{module}", source)
     _restore_alphas(paths, _peft_config(metadata))
     return ParsedAdapter(layout, paths=paths)
 
@@ -125,8 +152,6 @@ def _peft_config(metadata: dict[str, str]) -> dict[str, object]:
 def _restore_alphas(paths: dict[tuple[str, str], Named], config: dict[str, object]) -> None:
     """Alpha per layer: its own `.alpha` tensor, else the config's `alpha_pattern`/`lora_alpha`, else the rank
     (scale 1, what diffusers assumes without metadata)."""
-    import torch
-
     for (component, module), named in paths.items():
         if "alpha" in named or "lora_down.weight" not in named:
             continue

@@ -30,6 +30,10 @@ def check(
     tokenizer: Annotated[
         str | None, typer.Option("--tokenizer", help="A tokenizer folder or hub id, to check caption lengths.")
     ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="The base to train: count caption lengths with its own tokenizer and limit."),
+    ] = None,
     upscale: Annotated[bool, typer.Option("--upscale", help="Buckets may upscale small images.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every finding as JSON instead of tables.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when there are warnings.")] = False,
@@ -46,7 +50,9 @@ def check(
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such folder; give the folder that holds the images")
     extensions = [_dotted(e) for e in caption_ext] if caption_ext else [".txt", ".caption"]
-    count_tokens, max_tokens = _token_counter(tokenizer) if tokenizer else (None, 77)
+    count_tokens, max_tokens, counted_by = (
+        _token_counter(tokenizer) if tokenizer else _base_counter(base) if base else (None, 77, "")
+    )
     options = CheckOptions(
         resolution=resolution,
         caption_extensions=extensions,
@@ -55,6 +61,7 @@ def check(
         near_threshold=near_threshold,
         count_tokens=count_tokens,
         max_tokens=max_tokens,
+        counted_by=counted_by,
         upscale=upscale,
     )
     report = check_clips(folder, frames, fps, extensions) if frames else check_dataset(folder, options)
@@ -85,7 +92,19 @@ def _token_counter(name: str):
     except (OSError, ValueError) as exc:
         raise DatasetError(f"--tokenizer {name}: cannot load it ({str(exc).splitlines()[0]})") from None
     limit = min(int(tokenizer.model_max_length), 4096)
-    return (lambda text: len(tokenizer(text).input_ids)), limit
+    return (lambda text: len(tokenizer(text).input_ids)), limit, f"counted by {name}"
+
+
+def _base_counter(base: str):
+    """The base's caption tokenizer and limit (T5 bases: their default token limit)."""
+    from lora_cli.models.source import open_base_source
+    from lora_cli.models.tokens import caption_token_counter
+
+    with open_base_source(base, "--base") as source:
+        counter = caption_token_counter(source)
+    if counter is None:
+        raise DatasetError(f"--base {base}: it has no tokenizer folder to count with; give --tokenizer instead")
+    return counter
 
 
 def main() -> None:

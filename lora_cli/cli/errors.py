@@ -20,7 +20,7 @@ def run_app(app: Callable[..., object], prog_name: str) -> None:
     except LoraCliError as exc:
         if os.environ.get(DEBUG_VARIABLE):
             raise
-        print(f"{exc.label}: {exc}", file=sys.stderr)
+        print(f"{exc.label}: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -35,6 +35,11 @@ def run_app(app: Callable[..., object], prog_name: str) -> None:
             file=sys.stderr,
         )
         sys.exit(OUT_OF_MEMORY_EXIT)
+
+
+def one_line(message: str) -> str:
+    """A message on one line, whatever a user's value put in it (line breaks become spaces)."""
+    return " ".join(message.split()) if not message.isprintable() else message
 
 
 def _out_of_memory(exc: Exception) -> bool:

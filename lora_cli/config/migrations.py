@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lora_cli.config.schema import PRESET_VERSION
-from lora_cli.errors import PresetError
+from lora_cli.errors import PresetError, shown
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
 MIGRATIONS: dict[int, Migration] = {}
@@ -20,7 +20,7 @@ def migrate(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Upgrade `raw` step by step to PRESET_VERSION; refuse versions from the future."""
     version = raw.get("version", PRESET_VERSION)
     if not isinstance(version, int) or version < 1:
-        raise PresetError(f"{source}: `version` must be a positive integer, got {version!r}")
+        raise PresetError(f"{source}: `version` must be a positive integer, got {shown(version)}")
     if version > PRESET_VERSION:
         raise PresetError(
             f"{source}: preset version {version} is newer than this lora-cli understands "

@@ -5,6 +5,7 @@ Every field's `description` is the reference text of docs/presets.md (a test kee
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,7 +23,8 @@ FileFormat = Literal[FILE_FORMATS]  # type: ignore[valid-type]
 class Section(BaseModel):
     """A preset section: unknown keys are errors, values are checked on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float must be finite: no preset key gives `.inf` or `.nan` a meaning.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -189,6 +191,11 @@ class TrainSection(Section):
     steps: int | None = Field(None, gt=0, description="Optimizer steps to train. Set either `steps` or `epochs`.")
     epochs: int | None = Field(None, gt=0, description="Epochs to train (converted to steps).")
     batch_size: int = Field(1, gt=0, description="Images per micro-batch (per process).")
+    allow_short_batches: bool = Field(
+        False,
+        description="Train when the dataset (with repeats and prior images) cannot fill one global batch (batch_size "
+        "x processes); every batch then holds the whole dataset. Off, such a run is refused.",
+    )
     gradient_accumulation: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, description="Learning rate for the denoiser's adapter.")
     text_encoder_learning_rate: float | None = Field(
@@ -305,7 +312,12 @@ class CacheSection(Section):
 
 class OutputSection(Section):
     dir: str = Field("output", description="Run folder: adapter, checkpoints, logs, samples, cache.")
-    name: str = Field("lora", pattern=r"^[A-Za-z0-9._-]+$", description="Adapter file name (without extension).")
+    name: str = Field(
+        "lora",
+        max_length=120,
+        description="Adapter file name (without extension): ASCII letters, digits, `.`, `_` and `-`, so every "
+        "tool and file system takes it.",
+    )
     format: FileFormat | None = Field(
         None,
         description="Key format: `kohya` (A1111, ComfyUI and diffusers read it) or `diffusers` (peft-style keys). "
@@ -313,7 +325,15 @@ class OutputSection(Section):
         "(SD3, Flux, PixArt, Wan); LoHa/LoKr always use kohya/LyCORIS keys.",
     )
     save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
+
     keep_last: int = Field(3, ge=1, description="How many checkpoints to keep.")
+
+    @field_validator("name")
+    @classmethod
+    def _portable_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in (".", ".."):
+            raise ValueError("use ASCII letters, digits, `.`, `_` and `-` only (e.g. my-style_v2)")
+        return value
 
 
 class SampleSection(Section):

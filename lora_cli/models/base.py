@@ -54,6 +54,7 @@ class Architecture(Protocol):
     kohya_table: KohyaTable
     default_format: str  # the adapter key layout its community tools read: "kohya" or "diffusers"
     single_file: bool  # whether single-file checkpoints of it are read (and written by lora-merge)
+    caption_tokenizer: str  # the tokenizer component whose limit bounds what of a caption the model reads
 
     def matches(self, pipeline_class: str) -> bool: ...
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class Flux(DiffusionTransformer):
     name = "flux"
     pipeline_class = "FluxPipeline"
+    caption_tokenizer = "tokenizer_2"  # T5 reads the caption (CLIP: its first 77 tokens)
     default_text_tokens = 512  # Flux dev's T5 limit (schnell was trained with 256)
     default_shift = "auto"  # Flux's resolution-dependent shift
     text_encoder_classes = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # CLIP, T5

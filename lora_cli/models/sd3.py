@@ -19,6 +19,7 @@ CLIP_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G (both with 
 class StableDiffusion3(DiffusionTransformer):
     name = "stable-diffusion-3"
     pipeline_class = "StableDiffusion3Pipeline"
+    caption_tokenizer = "tokenizer_3"  # T5 reads the caption (CLIP: its first 77 tokens)
     default_text_tokens = 256  # SD3's T5 sequence length in diffusers' pipeline
     text_encoder_classes = {
         "text_encoder": "tokenizer",

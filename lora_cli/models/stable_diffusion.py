@@ -37,6 +37,7 @@ class StableDiffusion:
 
     pipeline_class = "StableDiffusionPipeline"
     default_format = "kohya"
+    caption_tokenizer = "tokenizer"  # CLIP (SDXL: CLIP-L), whose 77 tokens bound a caption
     single_file = True  # the original (LDM) single-file checkpoints A1111 and ComfyUI load
     text_encoder_classes = {"text_encoder": "tokenizer"}  # text encoder component -> its tokenizer component
 

@@ -30,6 +30,7 @@ class DiffusionTransformer:
     single_file = False  # the original releases' single files (e.g. BFL's Flux) are not read
     default_format = "diffusers"  # diffusers' layout: what diffusers and ComfyUI load for DiTs
     default_text_tokens: int  # T5's token limit unless model.max_text_tokens says otherwise
+    caption_tokenizer = "tokenizer"  # the T5 tokenizer that bounds a caption (Flux and SD3 name theirs)
     native_resolution = 1024
     default_shift = "scheduler"  # flow.shift when unset: the scheduler's shift, or "auto" (resolution-dependent)
 

@@ -49,9 +49,11 @@ def select_targets(
 
 def adapter_tensor_sizes(section: AdapterSection, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Element counts of the trainable tensors the adapter adds to one layer of weight `shape`."""
+    from lora_cli.adapters.injection import usable_rank
+
     conv = len(shape) == 4
     rank = section.effective_conv_rank if conv else section.rank
-    return _peft_sizes(section.type, rank, section.dora, shape)
+    return _peft_sizes(section.type, usable_rank(rank, shape), section.dora, shape)
 
 
 @lru_cache(maxsize=512)

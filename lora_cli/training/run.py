@@ -9,7 +9,7 @@ from rich.console import Console
 
 from datasets_tools.check import Report
 from lora_cli.adapters.files import write_adapter
-from lora_cli.adapters.injection import InjectedAdapter
+from lora_cli.adapters.injection import InjectedAdapter, rank_notice
 from lora_cli.adapters.keys import AdapterTensors
 from lora_cli.config import Preset, preset_to_yaml
 from lora_cli.errors import OutputWriteError
@@ -61,6 +61,9 @@ def train(
     base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run, accelerator=accelerator)
     if "quantization" in base.pipeline_extras:
         console.print(base.pipeline_extras["quantization"].line(), highlight=False)
+    notice = rank_notice(preset.adapter, adapter.spec)
+    if notice:
+        console.print(f"[yellow]warning[/]: {notice}", highlight=False)
     if dry_run:
         _describe_plan(console, preset, scan, base, adapter, data)
         return None

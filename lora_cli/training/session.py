@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,47 @@ def scan_dataset(preset: Preset) -> Report:
     data = preset.data
     if data.frames is not None:
         report = check_clips(data.folder, data.frames, data.fps, data.caption_extensions)
-        return _stop_on_errors(report, data.folder)
-    options = CheckOptions(
-        resolution=data.resolution, caption_extensions=data.caption_extensions, batch_size=preset.train.batch_size
-    )
-    return _stop_on_errors(check_dataset(data.folder, options), data.folder)
+    else:
+        options = CheckOptions(
+            resolution=data.resolution, caption_extensions=data.caption_extensions, batch_size=preset.train.batch_size
+        )
+        counter = _caption_counter(preset)
+        if counter is not None:
+            options.count_tokens, options.max_tokens, options.counted_by = counter
+        report = check_dataset(data.folder, options)
+    _stop_on_errors(report, data.folder)
+    _check_batch_fills(preset, report)
+    return report
+
+
+def _check_batch_fills(preset: Preset, report: Report) -> None:
+    """A global batch the data cannot fill is refused before anything is loaded, unless allowed."""
+    from datasets_tools.scan import scan_folder
+
+    train, data, prior = preset.train, preset.data, preset.prior
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    samples = sum(item.repeats for item in report.items) * data.repeats
+    if prior.enabled:
+        samples += len(prior.prompts) * prior.images_per_prompt
+        samples += len(scan_folder(prior.folder, data.caption_extensions).items) if prior.folder else 0
+    wanted = train.batch_size * processes
+    if samples < wanted and not train.allow_short_batches:
+        across = f" x {processes} processes" if processes > 1 else ""
+        raise PresetError(
+            f"train.batch_size: {train.batch_size}{across} needs {wanted} samples per batch but {data.folder} gives "
+            f"{samples} (with repeats); lower train.batch_size, add images or repeats, or set "
+            "train.allow_short_batches: true"
+        )
+
+
+def _caption_counter(preset: Preset):
+    """The base's caption tokenizer and limit, so over-long captions are counted as the model reads them."""
+    from lora_cli.models.source import open_base_source
+    from lora_cli.models.tokens import caption_token_counter
+
+    model = preset.model
+    with open_base_source(model.path, "model.path", model.revision, model.variant, model.allow_pickle) as source:
+        return caption_token_counter(source, model.max_text_tokens)
 
 
 def _stop_on_errors(report: Report, folder: str) -> Report:
@@ -128,6 +165,12 @@ def create_accelerator(preset: Preset) -> Any:
 
     precision = preset.train.mixed_precision
     refuse_unsupported_launch()
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if precision == "fp16" and on_cpu:
+        raise PresetError(
+            "train.mixed_precision: fp16 needs a CUDA GPU (on the CPU it would train in float32 without saying so); "
+            "use bf16 or no here"
+        )
     try:
         return Accelerator(mixed_precision=precision)
     except (ValueError, RuntimeError) as exc:
