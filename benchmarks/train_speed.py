@@ -9,7 +9,8 @@ Measured from outside the trainer, each run in a fresh subprocess with OMP_NUM_T
   (written right after the first optimizer step), the lower of the two runs;
 - peak RSS: the larger `ru_maxrss` of the two runs (from `os.wait4`, so it covers only that child).
 
-Both with and without `cache.latents` + `cache.text_embeddings`. Everything happens in a temporary folder.
+Both with and without `cache.latents` + `cache.text_embeddings`. Everything happens in a temporary folder. No
+peer figures here: `benchmarks/peer_compare.py` runs a peer on the same model and settings.
 
 Run: `python benchmarks/train_speed.py [--short 20] [--long 300] [--json numbers.json]` (about a minute)
 """
@@ -27,8 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TRAIN = "from lora_cli.cli.train import main; main()"
-PEER = {"cpu_s_per_step": (0.09, 0.11), "first_step_s": (10.0, 40.0), "peak_rss_mib": (490.0, 545.0)}
-TARGET = {"cpu_s_per_step": 0.7, "first_step_s": 0.5}
 
 
 @dataclass
@@ -104,13 +103,7 @@ def report(results: list[Result]) -> None:
     print(f"{'cache':<8}{'CPU-s/step':>12}{'first step s':>14}{'peak RSS MiB':>14}")
     for r in results:
         print(f"{'on' if r.cache else 'off':<8}{r.cpu_s_per_step:>12.3f}{r.first_step_s:>14.1f}{r.peak_rss_mib:>14.0f}")
-    print("\nPeer reference, quoted from the issue (not measured here): diffusers train_text_to_image_lora.py")
-    print("and kohya train_network.py on the same tiny shape:")
-    (c0, c1), (f0, f1), (m0, m1) = PEER.values()
-    print(f"  {c0:.2f}-{c1:.2f} CPU-s/step, {f0:.0f}-{f1:.0f} s to first step, {m0:.0f}-{m1:.0f} MiB peak RSS")
-    cpu, first = TARGET["cpu_s_per_step"], TARGET["first_step_s"]
-    print(f"Targets: <= {cpu}x per-step (<= {cpu * c0:.3f} vs the fastest peer), <= {first}x time to first step")
-    print(f"(<= {first * f0:.0f} s vs the fastest peer), peak RSS below the peers' (< {m0:.0f} MiB).")
+    print("For lora-cli beside a peer on the same model and settings: python -m benchmarks.peer_compare")
 
 
 def main() -> None:
@@ -133,7 +126,7 @@ def main() -> None:
         results = [measure(root, cache, args.short, args.long) for cache in (False, True)]
     report(results)
     if args.json:
-        numbers = {"results": [asdict(r) for r in results], "peer_reference_quoted": PEER, "target_ratio": TARGET}
+        numbers = {"results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
 
 

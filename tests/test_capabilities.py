@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from lora_cli.capabilities import Cell, builtin_architectures, cells, markdown
 from tests.conftest import invoke, read_for_base, train_preset
 
+# Run on one xdist worker: the cells share adapters trained once per module.
+pytestmark = pytest.mark.xdist_group(name="capabilities")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"stable-diffusion": "sd", "stable-diffusion-xl": "sdxl", "stable-diffusion-3": "sd3", "flux": "flux",
         "pixart": "pixart", "wan": "wan"}  # fmt: skip

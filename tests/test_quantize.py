@@ -84,3 +84,24 @@ def test_adapter_from_a_quantized_base_warns_when_used_on_full_precision(wide_fl
 def test_lycoris_algorithms_are_refused_on_a_quantized_base(write_preset) -> None:
     result = run_command("train", str(write_preset(model={"quantize": "nf4"}, adapter={"type": "loha"})))
     assert result.returncode == 2 and "trains lora or locon adapters only" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_layers_answer_in_the_base_dtype_whatever_their_input(mode: str) -> None:
+    """On CUDA, autocast runs LayerNorm in float32; a 4-bit layer fed that used to answer in float32 (bitsandbytes
+    keeps its input's dtype), so float32 flowed on through a bf16 model. Now it answers in the compute dtype,
+    as the nn.Linear it replaced does under autocast, and gives the same numbers as from a bf16 input."""
+    import torch
+    from torch import nn
+
+    from lora_cli.models.quantize import quantize_linear_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(torch.bfloat16)
+    quantize_linear_layers(model, mode, torch.bfloat16)
+    activations = torch.randn(3, 64)  # what a float32 LayerNorm hands on
+    with torch.no_grad():
+        output = model(activations)
+        reference = model(activations.to(torch.bfloat16))
+    assert output.dtype == torch.bfloat16
+    assert torch.equal(output, reference)

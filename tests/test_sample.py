@@ -132,6 +132,7 @@ def test_bypass_switching_between_adapters_matches_weight_patching(
     import lora_cli.sampling.run as sampling_run
 
     original = sampling_run.make_switcher
+
     def patcher(components, files):
         patching = WeightPatcher(components)
         for file in files:

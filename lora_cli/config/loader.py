@@ -196,7 +196,6 @@ def _describe(error: dict[str, Any]) -> str:
     return f"`{key}`: {message[:1].lower()}{message[1:]}{echoed}"
 
 
-
 def _suggestion(loc: list[str]) -> str:
     model: type[BaseModel] = Preset
     for part in loc[:-1]:

@@ -6,15 +6,17 @@ import torch
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform integer timesteps in [0, num_train_timesteps)."""
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    """Uniform integer timesteps in [0, num_train_timesteps), on the generator's device."""
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
 
 
 def sample_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise, plus per-channel offset noise (crosslabs.org/blog/diffusion-with-offset-noise) if offset > 0."""
-    noise = torch.randn(shape, generator=generator)
+    """Gaussian noise, plus per-channel offset noise (crosslabs.org/blog/diffusion-with-offset-noise) if offset > 0;
+    drawn on the generator's device."""
+    noise = torch.randn(shape, generator=generator, device=generator.device)
     if offset > 0:
-        noise = noise + offset * torch.randn((shape[0], shape[1], *[1] * (len(shape) - 2)), generator=generator)
+        per_channel = (shape[0], shape[1], *[1] * (len(shape) - 2))
+        noise = noise + offset * torch.randn(per_channel, generator=generator, device=generator.device)
     return noise
 
 

@@ -63,8 +63,9 @@ class FlowMatchingObjective:
 
     def _draw(self, generator: torch.Generator) -> torch.Tensor:
         if self.settings.timesteps == "uniform":
-            return torch.rand(1, generator=generator)
-        normal = torch.randn(1, generator=generator) * self.settings.logit_std + self.settings.logit_mean
+            return torch.rand(1, generator=generator, device=generator.device)
+        normal = torch.randn(1, generator=generator, device=generator.device)
+        normal = normal * self.settings.logit_std + self.settings.logit_mean
         return torch.sigmoid(normal)
 
 

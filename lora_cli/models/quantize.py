@@ -104,7 +104,23 @@ def _quantized(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) ->
         layer.support_avx512bf16_for_cpu = False
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    layer.register_forward_pre_hook(_inputs_in(compute_dtype))
     return layer.to(device)  # moving to a device is what quantizes the weight
+
+
+def _inputs_in(dtype: torch.dtype):
+    """A pre-hook that hands the layer its input in `dtype`. bitsandbytes returns its output in the dtype of its
+    input, and on CUDA autocast runs LayerNorm in float32, so a bf16 model's activations left every 4-bit layer
+    in float32 (twice the memory, float32 math downstream, a dtype warning from every bf16 RMSNorm); the
+    nn.Linear it replaced returns the autocast dtype."""
+
+    def cast(module: nn.Module, args: tuple) -> tuple | None:
+        first = args[0]
+        if first.is_floating_point() and first.dtype != dtype:
+            return (first.to(dtype), *args[1:])
+        return None
+
+    return cast
 
 
 def _weight_bytes(model: nn.Module) -> int:

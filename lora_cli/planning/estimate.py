@@ -41,9 +41,12 @@ CPU_RUNTIME = 465 * MiB
 # saved-tensor counts and RSS of SD1.5-shaped UNets at 256-512 px).
 CPU_ACTIVATION_FACTOR = 1.65
 CPU_CHECKPOINT_FACTOR = 1.05
-# GPU figures are estimates, not measured here: CUDA context and library workspaces on the device, the
-# CUDA libraries in the process's RAM, and the caching allocator's fragmentation over live activations.
-CUDA_CONTEXT = 1 * GiB
+# GPU figures: CUDA context and library workspaces on the device, the CUDA libraries in the process's RAM, and
+# the caching allocator's fragmentation over live activations. The context is calibrated on the H200 peaks of
+# ../shared/gpu-check (2026-11-30, nvidia-smi, torch 2.11+cu130): SD1.5 architecture 512 px batch 4 bf16
+# measured 7,289 MiB where 1 GiB gave 6.1 GiB (-14%), the 1.2B Flux-shaped nf4 run 3,343 MiB where it gave
+# 2.7 GiB (-17%); 1.4 GiB brings both within -9%.
+CUDA_CONTEXT = 1434 * MiB
 CUDA_RUNTIME_RAM = CPU_RUNTIME + 1536 * MiB
 CUDA_ALLOCATOR_FACTOR = 1.15
 

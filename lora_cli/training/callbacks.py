@@ -13,13 +13,66 @@ from PIL import Image
 from lora_cli.io.atomic import write_text_atomic, write_with
 from lora_cli.training.session import TrainingSession
 
+Metrics = list[dict[str, float]] | None  # the steps the host has just read (None: not read at this step)
+
 
 class Callback(Protocol):
     def on_start(self, session: TrainingSession) -> None: ...
 
-    def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None: ...
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None: ...
 
     def on_end(self, session: TrainingSession, completed: bool) -> None: ...
+
+
+class Throughput:
+    """Adds wall time, samples/s over the steps read since the last read, and peak GPU memory to each record."""
+
+    def __init__(self) -> None:
+        self.last_time: float | None = None
+        self.last_step = 0
+
+    def on_start(self, session: TrainingSession) -> None:
+        self.last_time, self.last_step = time.perf_counter(), session.step
+
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
+        if not metrics:
+            return
+        now = time.perf_counter()
+        train = session.preset.train
+        samples = (session.step - self.last_step) * train.batch_size * train.gradient_accumulation
+        rate = samples * session.accelerator.num_processes / max(now - (self.last_time or now), 1e-9)
+        extra = {"wall_s": round(now - session.started, 3), "samples_per_s": round(rate, 3)}
+        if torch.cuda.is_available() and session.accelerator.device.type == "cuda":
+            extra["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(session.accelerator.device) / 2**20, 1)
+        for record in metrics:
+            record.update(extra)
+        self.last_time, self.last_step = now, session.step
+
+    def on_end(self, session: TrainingSession, completed: bool) -> None:
+        pass
+
+
+class StartupReport:
+    """One line once the first step is done: what loading, setup (caching included) and that step took."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.began = 0.0
+
+    def on_start(self, session: TrainingSession) -> None:
+        self.began = time.perf_counter()
+
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
+        if not metrics or self.began == 0.0:
+            return
+        phases = {**session.phases, "first step": time.perf_counter() - self.began}
+        if session.preset.train.compile:
+            phases["first step (compiling included)"] = phases.pop("first step")
+        self.console.print("startup: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
+        self.began = 0.0
+
+    def on_end(self, session: TrainingSession, completed: bool) -> None:
+        pass
 
 
 class MetricsLog:
@@ -35,10 +88,11 @@ class MetricsLog:
             kept = [record for record in read_metrics(self.path) if record["step"] <= session.step]
             write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
-    def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
-        if session.step % self.every == 0 or session.step == session.total_steps:
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
+        logged = [r for r in metrics or [] if r["step"] % self.every == 0 or r["step"] == session.total_steps]
+        if logged:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": session.step, **metrics}) + "\n")
+                handle.writelines(json.dumps(record) + "\n" for record in logged)
 
     def on_end(self, session: TrainingSession, completed: bool) -> None:
         from lora_cli.training.plots import plot_loss_in_subprocess
@@ -48,7 +102,7 @@ class MetricsLog:
 
 
 class ProgressDisplay:
-    """A rich progress bar with step, loss, learning rate, speed and ETA."""
+    """A rich progress bar with step, loss, learning rate, speed and ETA (loss and rate as last read)."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -70,13 +124,41 @@ class ProgressDisplay:
         )
         self.started, self.first_step = time.perf_counter(), session.step
 
-    def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        speed = (session.step - self.first_step) / elapsed
-        self.progress.update(self.task, completed=session.step, loss=metrics["loss"], lr=metrics["lr"], speed=speed)
+        fields = {"speed": (session.step - self.first_step) / elapsed}
+        if metrics:
+            fields.update(loss=metrics[-1]["loss"], lr=metrics[-1]["lr"])
+        self.progress.update(self.task, completed=session.step, **fields)
 
     def on_end(self, session: TrainingSession, completed: bool) -> None:
         self.progress.stop()
+
+
+class LogLines:
+    """Without a progress bar (`--no-progress`, a log file): one line per read, every `logging.every` steps."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    def on_start(self, session: TrainingSession) -> None:
+        pass
+
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
+        if not metrics:
+            return
+        record = metrics[-1]
+        elapsed = record.get("wall_s", 0.0)
+        done = record["step"] / session.total_steps
+        left = elapsed / max(record["step"], 1) * (session.total_steps - record["step"]) if record["step"] else 0
+        self.console.print(
+            f"step {record['step']}/{session.total_steps} ({done:.0%})  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  {record.get('samples_per_s', 0):.2f} samples/s  ETA {left:.0f}s",
+            highlight=False,
+        )
+
+    def on_end(self, session: TrainingSession, completed: bool) -> None:
+        pass
 
 
 class TensorBoardLog:
@@ -95,9 +177,11 @@ class TensorBoardLog:
             ) from None
         self.writer = SummaryWriter(str(self.folder), purge_step=session.step + 1)
 
-    def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(f"train/{name}", value, session.step)
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
+        for record in metrics or []:
+            for name, value in record.items():
+                if name != "step":
+                    self.writer.add_scalar(f"train/{name}", value, record["step"])
 
     def on_end(self, session: TrainingSession, completed: bool) -> None:
         self.writer.close()
@@ -114,7 +198,7 @@ class Previews:
         if session.step == 0:
             self.before = self._draw(session)
 
-    def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
         every = session.preset.sample.every
         if every and session.step % every == 0 and session.step < session.total_steps:
             self._draw(session)
@@ -164,7 +248,7 @@ class Checkpoints:
     def on_start(self, session: TrainingSession) -> None:
         pass
 
-    def on_step(self, session: TrainingSession, metrics: dict[str, float]) -> None:
+    def on_step(self, session: TrainingSession, metrics: Metrics) -> None:
         every = session.preset.output.save_every
         if every and session.step % every == 0:
             from lora_cli.training.resume import write_checkpoint
@@ -175,12 +259,14 @@ class Checkpoints:
         pass
 
 
-def default_callbacks(session: TrainingSession, show_progress: bool) -> list[Callback]:
-    """The callbacks a preset asks for. Only the main process writes files; every process takes part in
-    checkpoints (sharded state is gathered from all) and, with a sharded denoiser, in drawing previews."""
+def default_callbacks(session: TrainingSession, show_progress: bool, console: Any = None) -> list[Callback]:
+    """The callbacks a preset asks for. Only the main process writes files and reports; every process takes
+    part in checkpoints (sharded state is gathered from all) and, with a sharded denoiser, in drawing previews."""
     preset = session.preset
     main = session.accelerator.is_main_process
-    callbacks: list[Callback] = [MetricsLog(session.paths.metrics, preset.logging.every)] if main else []
+    callbacks: list[Callback] = [Throughput()]
+    if main:
+        callbacks.append(MetricsLog(session.paths.metrics, preset.logging.every))
     callbacks.append(Checkpoints())
     if main and preset.logging.tensorboard:
         callbacks.append(TensorBoardLog(session.paths.tensorboard))
@@ -188,6 +274,10 @@ def default_callbacks(session: TrainingSession, show_progress: bool) -> list[Cal
         callbacks.append(Previews())
     if not main:
         return callbacks
+    if console is not None:
+        callbacks.append(StartupReport(console))
     if show_progress:
         callbacks.append(ProgressDisplay())
+    elif console is not None:
+        callbacks.append(LogLines(console))
     return callbacks

@@ -46,7 +46,7 @@ class BatchEncoder:
     def encodings(self, item_indices: list[int]) -> torch.Tensor:
         """VAE latent-distribution parameters for the items, [B, 2C, h, w] on the device."""
         if self._latents:
-            return torch.stack([self._latents[i] for i in item_indices]).to(self.device)
+            return self._to_device(torch.stack([self._latents[i] for i in item_indices]))
         pixels = torch.stack([self.data.pixels(i) for i in item_indices])
         with torch.no_grad():
             return self.base.architecture.encode_images(self.base, pixels.to(self.device))
@@ -54,11 +54,18 @@ class BatchEncoder:
     def conditioning(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self._prompts:
             return {
-                key: torch.stack([self._prompts[c][key] for c in captions]).to(self.device)
+                key: self._to_device(torch.stack([self._prompts[c][key] for c in captions]))
                 for key in self._prompts[captions[0]]
             }
         with torch.set_grad_enabled(self.text_trainable and torch.is_grad_enabled()):
             return self.base.architecture.encode_prompts(self.base, captions)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A cached batch to the device; to a GPU through pinned memory without waiting, so the host queues the
+        copy and goes on queuing the step's kernels while the device still runs the previous step."""
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
     def _cache_latents(self, store: EncodingCache) -> None:
         pending = []

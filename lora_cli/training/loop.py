@@ -1,54 +1,65 @@
-"""The training loop. One optimizer step = `gradient_accumulation` micro-batches, then clip, step, log."""
+"""The training loop. One optimizer step = `gradient_accumulation` micro-batches, then clip, step, log.
+
+Nothing in a step waits for the accelerator: the loss, the gradient norm and whether both were finite stay on
+the device (a non-finite step is undone there, `step_guard`), and the host reads them in one transfer every
+`logging.every` steps, before a checkpoint and at the end — which is when a non-finite step is counted against
+`train.skip_nonfinite` and, past it, stops the run.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lora_cli.diffusion.losses import sample_noise, weighted_mse
 from lora_cli.errors import TrainingDivergedError, TrainingInterrupted
+from lora_cli.sharded_tensors import full_tensor
 from lora_cli.training.callbacks import Callback
 from lora_cli.training.data import prepare_caption
 from lora_cli.training.distributed import average_text_encoder_gradients
 from lora_cli.training.interrupt import StopRequest
 from lora_cli.training.session import BatchSample, TrainingSession
 from lora_cli.training.sharding import gradient_sync_paused
+from lora_cli.training.step_guard import guarded_step, supports_deferred_skip
 
 
 def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> torch.Tensor:
-    """The denoising loss of one micro-batch. Each sample's randomness comes from its own seeded generator."""
+    """The denoising loss of one micro-batch. Each sample's randomness comes from its own seeded generator,
+    on the training device (its caption decisions from one on the CPU)."""
     base, preset = session.base, session.preset
     architecture = base.architecture
     device = session.accelerator.device
     item_indices = [sample.item for sample in samples]
-    generators = [sample.generator() for sample in samples]
+    generators = [sample.generator(device) for sample in samples]
+    caption_generators = generators if device.type == "cpu" else [sample.generator() for sample in samples]
 
-    # 1. Latents: sample the cached/live VAE distribution (the noise is drawn on the CPU for reproducibility).
+    # 1. Latents: sample the cached/live VAE distribution.
     encodings = session.encoder.encodings(item_indices)
     sample_shape = encodings[:1, : encodings.shape[1] // 2].shape
-    vae_noise = torch.cat([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
+    vae_noise = torch.cat([torch.randn(sample_shape, generator=g, device=device) for g in generators])
     latents = architecture.latents_from_encoding(base, encodings, vae_noise)
 
     # 2. Forward process at random noise levels (the architecture's objective: DDPM or flow matching).
     one = (1, *latents.shape[1:])
-    noise = torch.cat([sample_noise(one, preset.train.noise_offset, g) for g in generators]).to(device)
-    noised = architecture.objective(base, preset, latents).noised(latents, noise, generators)
+    noise = torch.cat([sample_noise(one, preset.train.noise_offset, g) for g in generators])
+    noised = session.objective(latents).noised(latents, noise, generators)
 
     # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch),
     #    plus what the architecture adds (SDXL's size and crop of each image, Flux's guidance value).
     data = preset.data
     captions = [
         prepare_caption(session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, g)
-        for i, g in zip(item_indices, generators, strict=True)
+        for i, g in zip(item_indices, caption_generators, strict=True)
     ]
     conditioning = session.encoder.conditioning(captions)
     geometry = [session.data.geometry[i] for i in item_indices]
     conditioning.update(architecture.extra_conditioning(base, preset, geometry, device))
     # The frozen base may be stored in half precision (model.dtype); its inputs must match it.
-    weight_dtype = base.denoiser.dtype
+    weight_dtype = session.weight_dtype
     noisy = noised.noisy.to(weight_dtype)
     conditioning = {
         key: value.to(weight_dtype) if value.is_floating_point() else value for key, value in conditioning.items()
@@ -61,13 +72,27 @@ def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> to
     return weighted_mse(prediction, noised.target, weights)
 
 
-def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
-    """Accumulate gradients over micro-batches, check they are finite, clip and step. Returns metrics, or None
-    when the step was skipped for a non-finite loss or gradient."""
+@dataclass
+class StepRecord:
+    """One optimizer step as the device knows it, until the host reads it."""
+
+    step: int
+    lr: float
+    epoch: float
+    loss: torch.Tensor  # mean over micro-batches (and processes, when read)
+    grad_norm: torch.Tensor
+    loss_finite: torch.Tensor  # every micro-batch's loss, on every process
+    grad_finite: torch.Tensor
+
+
+def optimizer_step(session: TrainingSession) -> StepRecord:
+    """Accumulate gradients over micro-batches, clip and step, all without waiting for the device: a step whose
+    loss or gradients were not finite on any process is undone on the device and judged when it is read."""
     accelerator, train = session.accelerator, session.preset.train
     accumulation = train.gradient_accumulation
-    total = 0.0
-    bad_loss: float | None = None
+    device = accelerator.device
+    total = torch.zeros((), device=device)
+    loss_finite = torch.ones((), dtype=torch.bool, device=device)
     for index in range(accumulation):
         items = session.next_batch()
         # Gradients are only averaged on the last micro-batch (DDP, FSDP); earlier ones accumulate locally.
@@ -75,65 +100,103 @@ def optimizer_step(session: TrainingSession) -> dict[str, float] | None:
         sync = contextlib.nullcontext() if last else gradient_sync_paused(accelerator, session.denoiser)
         with sync:
             loss = micro_batch_loss(session, items)
-            if bad_loss is None and not torch.isfinite(loss):
-                bad_loss = loss.item()
+            loss_finite &= torch.isfinite(loss.detach())
             # Even a non-finite loss goes through backward: the last micro-batch then moves every pending
             # gradient (FSDP keeps unsynchronised ones outside the parameters) to where zero_grad clears them.
             accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
-    if _on_any_process(accelerator, bad_loss is not None):  # every process decides alike
-        return _skip_or_stop(session, "loss", math.nan if bad_loss is None else bad_loss)
 
     average_text_encoder_gradients(session)
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
     # Without a limit, "clipping" to infinity only measures the norm (sharded gradients included).
-    grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf))
-    if not math.isfinite(grad_norm) and not accelerator.scaler:  # the norm is the same on every process
-        return _skip_or_stop(session, "gradient norm", grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
+    grad_norm = full_tensor(grad_norm).detach() if isinstance(grad_norm, torch.Tensor) else torch.tensor(grad_norm)
+    grad_finite = torch.isfinite(grad_norm.to(device))
+    loss_finite = _on_every_process(accelerator, loss_finite)
+    # With fp16 loss scaling an overflowing gradient is the scaler's business: it skips that step itself.
+    finite = loss_finite if accelerator.scaler else loss_finite & grad_finite
     lr = session.scheduler.get_last_lr()[0]
-    session.optimizer.step()
+    record = StepRecord(session.step + 1, lr, session.epoch, total, grad_norm, loss_finite, finite)
+    if accelerator.scaler or not supports_deferred_skip(_inner(session.optimizer)):
+        if bool(finite.item()):  # this optimizer keeps state the device cannot undo: decide now
+            session.optimizer.step()
+    else:
+        guarded_step(session.optimizer, finite)
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     session.step += 1
-    mean_loss = accelerator.reduce(total, reduction="mean").item() if accelerator.num_processes > 1 else total.item()
-    metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "epoch": session.epoch}
-    return {**metrics, "skipped": session.skipped_steps} if session.skipped_steps else metrics
+    return record
 
 
-def _on_any_process(accelerator: Any, flag: bool) -> bool:
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
+def _on_every_process(accelerator: Any, flag: torch.Tensor) -> torch.Tensor:
+    """True only if `flag` is true on every process (a collective, no host read)."""
     if accelerator.num_processes == 1:
         return flag
-    votes = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(votes, reduction="sum").item() > 0)
+    votes = accelerator.reduce(flag.to(torch.float32).reshape(1), reduction="sum")
+    return (votes == accelerator.num_processes).reshape(())
 
 
-def _skip_or_stop(session: TrainingSession, what: str, value: float) -> None:
-    """A non-finite loss or gradient: drop this optimizer step while `train.skip_nonfinite` allows, else stop."""
-    if session.skipped_steps >= session.preset.train.skip_nonfinite:
-        raise TrainingDivergedError(_diverged(session, what, value))
-    session.skipped_steps += 1
-    session.optimizer.zero_grad(set_to_none=True)
+def read_records(session: TrainingSession, records: list[StepRecord]) -> list[dict[str, float]]:
+    """The host's view of the pending steps (one transfer), in order: a non-finite step is counted against
+    `train.skip_nonfinite`, and past the allowance the run stops naming the first such step."""
+    if not records:
+        return []
+    accelerator = session.accelerator
+    losses = torch.stack([record.loss for record in records])
+    if accelerator.num_processes > 1:
+        losses = accelerator.reduce(losses, reduction="mean")
+    columns = [losses, *(torch.stack([getattr(r, name).to(losses.dtype) for r in records])
+                         for name in ("grad_norm", "loss_finite", "grad_finite"))]  # fmt: skip
+    values = torch.stack([column.detach().float().to(losses.device) for column in columns]).cpu().tolist()
+    metrics = []
+    for record, loss, grad_norm, loss_finite, finite in zip(records, *values, strict=True):
+        if not finite:
+            session.skipped_steps += 1
+            if session.skipped_steps > session.preset.train.skip_nonfinite:
+                what, value = ("loss", loss) if not loss_finite else ("gradient norm", grad_norm)
+                raise TrainingDivergedError(_diverged(record.step, what, value))
+        entry = {"step": record.step, "loss": loss, "lr": record.lr, "grad_norm": grad_norm, "epoch": record.epoch}
+        metrics.append({**entry, "skipped": session.skipped_steps} if session.skipped_steps else entry)
+    return metrics
 
 
 def run_loop(session: TrainingSession, callbacks: list[Callback], stop: StopRequest | None = None) -> None:
-    """Train from `session.step` to `session.total_steps`, calling the callbacks around each step. A stop
-    request (Ctrl-C, SIGTERM) ends the loop after the current step with a checkpoint."""
+    """Train from `session.step` to `session.total_steps`, calling the callbacks around each step. Steps are
+    read by the host every `logging.every` steps (and the first, before checkpoints and at the end); a stop request
+    (Ctrl-C, SIGTERM) ends the loop after the current step with a checkpoint."""
     for callback in callbacks:
         callback.on_start(session)
     completed = False
+    pending: list[StepRecord] = []
+    first_step = session.step + 1  # read at once: the log reports how long the first step took
     try:
         while session.step < session.total_steps:
-            metrics = optimizer_step(session)
-            if metrics is None:
-                continue
+            pending.append(optimizer_step(session))
+            stopping = stop is not None and stop.requested(session.accelerator)
+            metrics = None
+            if stopping or session.step == first_step or _due(session):
+                metrics = read_records(session, pending)
+                pending.clear()
             for callback in callbacks:
                 callback.on_step(session, metrics)
-            if stop is not None and stop.requested(session.accelerator):
+            if stopping:
                 _save_and_stop(session, stop)
         completed = True
     finally:
         for callback in callbacks:
             callback.on_end(session, completed)
+
+
+def _due(session: TrainingSession) -> bool:
+    """Whether the host reads the pending steps now: at the logging cadence, before a checkpoint (a run past
+    its allowance of non-finite steps must stop before writing one) and at the end."""
+    step, preset = session.step, session.preset
+    every = preset.output.save_every
+    return step % preset.logging.every == 0 or step == session.total_steps or bool(every and step % every == 0)
 
 
 def _save_and_stop(session: TrainingSession, stop: StopRequest) -> None:
@@ -151,9 +214,9 @@ def _save_and_stop(session: TrainingSession, stop: StopRequest) -> None:
     )
 
 
-def _diverged(session: TrainingSession, what: str, value: float) -> str:
+def _diverged(step: int, what: str, value: float) -> str:
     return (
-        f"step {session.step + 1}: {what} became {value}; lower train.learning_rate, "
+        f"step {step}: {what} became {value}; lower train.learning_rate, "
         "use mixed_precision: no (or bf16), set train.max_grad_norm, or let train.skip_nonfinite skip isolated "
         "bad batches — the last checkpoint is kept"
     )

@@ -10,13 +10,18 @@ from lora_cli.config.schema import TrainSection
 from lora_cli.errors import PresetError
 
 
-def build_optimizer(param_groups: list[dict[str, Any]], train: TrainSection) -> torch.optim.Optimizer:
-    """AdamW (torch), AdamW8bit (bitsandbytes) or Prodigy, with `optimizer_args` passed through."""
+def build_optimizer(
+    param_groups: list[dict[str, Any]], train: TrainSection, sharded: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (torch; fused unless `train.fused_optimizer: false` or sharded), AdamW8bit (bitsandbytes) or Prodigy,
+    with `optimizer_args` passed through."""
     kwargs: dict[str, Any] = {"weight_decay": train.weight_decay, **train.optimizer_args}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     if train.optimizer == "adamw":
         factory = torch.optim.AdamW
+        fused = train.fused_optimizer if train.fused_optimizer is not None else not sharded
+        kwargs.setdefault("fused" if fused else "foreach", True)
     elif train.optimizer == "adamw8bit":
         try:
             import bitsandbytes

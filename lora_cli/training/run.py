@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -58,7 +59,9 @@ def train(
         if accelerator.is_main_process:
             remove_stale_temporaries(paths)
         accelerator.wait_for_everyone()
+    loading = time.perf_counter()
     base, adapter, data = prepare_model(preset, scan, generate_prior=not dry_run, accelerator=accelerator)
+    loaded = time.perf_counter()
     if "quantization" in base.pipeline_extras:
         console.print(base.pipeline_extras["quantization"].line(), highlight=False)
     notice = rank_notice(preset.adapter, adapter.spec)
@@ -69,6 +72,7 @@ def train(
         return None
 
     session = build_session(preset, paths, base, adapter, data, accelerator)
+    session.phases = {"loading the base": loaded - loading, "setup and caching": time.perf_counter() - loaded}
     if session.sharded and session.accelerator.is_main_process:
         console.print(sharding_summary(session.base.denoiser, session.accelerator.num_processes), highlight=False)
     if resuming:
@@ -83,7 +87,7 @@ def train(
         write_text_atomic(paths.preset, preset_to_yaml(preset))
     with stop_on_signals() as stop:
         try:
-            run_loop(session, default_callbacks(session, show_progress), stop)
+            run_loop(session, default_callbacks(session, show_progress, console), stop)
         except OSError as exc:  # metrics, previews, plots (checkpoint writes name their own file)
             raise OutputWriteError(
                 f"{paths.root}: cannot write ({exc.strerror or exc}); the checkpoints in {paths.checkpoints} are "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ class BatchSample:
     item: int
     seed: int
 
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def generator(self, device: torch.device | None = None) -> torch.Generator:
+        """A generator for this sample's draws, on `device` (the CPU by default): noise drawn where it is used
+        needs no host-to-device copy. CPU and CUDA generators give different numbers for one seed."""
+        return torch.Generator(device=device or "cpu").manual_seed(self.seed)
 
 
 def sample_seed(run_seed: int, micro_step: int, position: int) -> int:
@@ -62,14 +65,21 @@ class TrainingSession:
     micro_step: int = 0
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss or gradient (train.skip_nonfinite)
     sharded: bool = False  # the denoiser is split across processes (FSDP): every process draws and gathers
+    weight_dtype: torch.dtype = torch.float32  # the frozen base's storage dtype: the denoiser's inputs follow it
+    started: float = field(default_factory=time.perf_counter)  # when training began (for metrics)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each startup phase took, for the log
+    _epoch_order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
+    _objectives: dict[tuple[int, ...], Any] = field(default_factory=dict, repr=False)
 
     def next_batch(self) -> list[BatchSample]:
         """This process's share of the next global micro-batch; advances the data position."""
         epoch, offset = divmod(self.micro_step, self.batches_per_epoch)
         world = self.accelerator.num_processes
         train = self.preset.train
-        batches = epoch_batches(self.data, train.batch_size * world, train.seed, epoch, self.preset.data.shuffle)
-        batch = batches[offset]
+        if self._epoch_order is None or self._epoch_order[0] != epoch:  # one shuffle per epoch, not per step
+            order = epoch_batches(self.data, train.batch_size * world, train.seed, epoch, self.preset.data.shuffle)
+            self._epoch_order = (epoch, order)
+        batch = self._epoch_order[1][offset]
         batch = (batch * world)[: len(batch) + (-len(batch) % world)]  # top up a short batch: every rank gets items
         rank = self.accelerator.process_index
         samples = [
@@ -83,6 +93,13 @@ class TrainingSession:
     @property
     def epoch(self) -> float:
         return self.micro_step / self.batches_per_epoch
+
+    def objective(self, latents: torch.Tensor) -> Any:
+        """The architecture's objective for latents of this shape (Flux's shift depends on the image size)."""
+        shape = tuple(latents.shape[1:])
+        if shape not in self._objectives:
+            self._objectives[shape] = self.base.architecture.objective(self.base, self.preset, latents)
+        return self._objectives[shape]
 
 
 def scan_dataset(preset: Preset) -> Report:
@@ -194,6 +211,7 @@ def build_session(
     if train.gradient_checkpointing:
         base.denoiser.enable_gradient_checkpointing()
     base.denoiser.train()
+    apply_speed_settings(base, train, device)
 
     encoder = BatchEncoder(base, data, preset, device)
     keep_encoders = bool(preset.sample.prompts)
@@ -214,7 +232,7 @@ def build_session(
         if name != base.architecture.denoiser_name:
             base.text_encoders[name].train()
             groups.append({"params": adapter.parameters(name), "lr": train.effective_text_encoder_lr})
-    optimizer = build_optimizer(groups, train)
+    optimizer = build_optimizer(groups, train, sharded)
 
     world = accelerator.num_processes
     batches_per_epoch = len(epoch_batches(data, train.batch_size * world, train.seed, 0, False))
@@ -236,8 +254,27 @@ def build_session(
         total_steps=total_steps,
         batches_per_epoch=batches_per_epoch,
         sharded=sharded,
+        weight_dtype=getattr(torch, preset.model.dtype),
     )
 
 
 def run_paths(preset: Preset) -> RunPaths:
     return RunPaths(Path(preset.output.dir), preset.output.name)
+
+
+def apply_speed_settings(base: LoadedBase, train: Any, device: torch.device) -> None:
+    """TF32 on Ampere+, attention off cuDNN's kernels, channels-last UNet weights, and regional compilation of the
+    denoiser's blocks."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = train.tf32
+        torch.backends.cudnn.allow_tf32 = train.tf32
+        # SDPA's cuDNN backend (preferred on Hopper by recent torch) has returned NaN gradients from a finite
+        # loss in diffusers' own LoRA trainers (diffusers#9768) and at some shapes on H100/H200 (pytorch#196678);
+        # flash and memory-efficient attention, which the peers train with, take over.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    unet = base.architecture.denoiser_name == "unet"
+    if unet and (train.channels_last if train.channels_last is not None else device.type == "cuda"):
+        base.denoiser.to(memory_format=torch.channels_last)
+    if train.compile:
+        for block in base.architecture.blocks(base.denoiser):
+            base.denoiser.get_submodule(block).compile(dynamic=False)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from tests.conftest import run_cli
 from tests.reliability.launch import assert_same_updates, torchrun
+
+# Run on one xdist worker: these tests start process groups on accelerate default port.
+pytestmark = pytest.mark.xdist_group(name="processes")
 
 
 def test_two_processes_train_what_one_process_trains_with_the_same_effective_batch(write_preset, tmp_path) -> None:

@@ -20,6 +20,9 @@ from lora_cli.training.sharding import refuse_unsupported_launch, wants_sharding
 from tests.conftest import run_cli
 from tests.reliability.launch import TRAIN, accelerate_launch, assert_same_updates, torchrun
 
+# Run on one xdist worker: these tests start process groups on accelerate's default port.
+pytestmark = pytest.mark.xdist_group(name="processes")
+
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,235 @@
+"""The GPU table: speed, time to the first step and peak memory of lora-cli on a CUDA machine, beside the diffusers
+DreamBooth LoRA example on the same model and data, with the `--plan` estimate beside each run.
+
+    python -m benchmarks.gpu_speed [--diffusers-examples DIR] [--deadline 470] [--work DIR] [--small]
+
+Cases (random weights, nothing downloaded; models are built first, about 1 minute on a GPU machine):
+  SD1.5 architecture, 512 px, batch 4, LoRA rank 16 on attention, bf16 (base stored in bf16), AdamW, 80 steps:
+    lora-cli with latents + text cached, the same with `train.compile: true`, lora-cli with nothing cached,
+    and the example (text embeddings precomputed; it VAE-encodes every step) when DIR is given;
+  a ~1.2B Flux-shaped DiT (24 heads x 128, 2 double + 4 single blocks), 512 px, batch 1, LoRA rank 16 on every
+    Linear, 40 steps: the base in nf4, and in bf16 (which must train: its loss is printed first and last);
+  the README's quickstart (builtin:shapes, 1,600 steps), wall time.
+Each run is a fresh process timed by `benchmarks.step_timer` (s/step: median optimizer-step interval after the
+first quarter); GPU peak is nvidia-smi's (CUDA context included, as the planner estimates it). A case that would
+run past `--deadline` seconds is skipped and says so. `--small` is a CPU dry run of the same script with tiny
+models (64 px, a few steps): it checks the script, not the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from benchmarks.peer_compare import PROMPT, TRAIN, Settings, lora_cli_command, lora_cli_preset, peer_command
+
+ROOT = Path(__file__).parents[1]
+
+
+@dataclass
+class Case:
+    name: str
+    command: list[str]  # a script (or -c CODE) and its arguments, as step_timer takes them
+    plan: dict | None = None  # the lora-cli preset, for --plan
+    timeout: int = 180
+    losses_from: Path | None = None  # a metrics.jsonl whose first and last loss are reported
+
+
+class GpuMemoryPeak:
+    """Polls nvidia-smi every 50 ms while a run lasts; the peak in MiB (None without nvidia-smi)."""
+
+    def __init__(self) -> None:
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> GpuMemoryPeak:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.05):
+            used = subprocess.run(query, capture_output=True, text=True).stdout.split()
+            if used:
+                self.peak = max(self.peak or 0, int(used[0]))
+
+
+def build_inputs(work: Path, small: bool) -> dict[str, Path]:
+    """The SD1.5-architecture and Flux-shaped models and a dataset of 16 images with one caption."""
+    from lora_cli.toy.shapes import write_dataset
+    from lora_cli.toy.tiny_dits import build_tiny_flux
+    from lora_cli.toy.tiny_pipeline import build_sd15_shaped, build_tiny_sd
+
+    paths = {"sd15": work / "sd15", "flux": work / "flux", "data": work / "data"}
+    if not paths["data"].exists():
+        size = 64 if small else 512
+        write_dataset(paths["data"], [("red", "circle"), ("blue", "square")], per_pair=8, size=size, seed=0)
+        for caption in paths["data"].glob("*.txt"):
+            caption.write_text(PROMPT)
+    if not paths["sd15"].exists():
+        (build_tiny_sd if small else build_sd15_shaped)(paths["sd15"], seed=0)
+    if not paths["flux"].exists():
+        shape = (
+            {"heads": 4, "head_dim": 16, "blocks": (1, 1)}
+            if small
+            else {"heads": 24, "head_dim": 128, "blocks": (2, 4)}
+        )
+        build_tiny_flux(paths["flux"], seed=0, **shape)
+    return paths
+
+
+def cases(work: Path, paths: dict[str, Path], examples: Path | None, small: bool) -> list[Case]:
+    steps, flux_steps = (6, 4) if small else (80, 40)
+    sd = Settings(steps=steps, resolution=64 if small else 512, batch=4, rank=16, cached=True)
+    cached = lora_cli_preset(paths["sd15"], paths["data"], work / "lc-sd15", sd)
+    compiled = _with(cached, {"train": {"compile": True}, "output": {"dir": str(work / "lc-sd15-compile")}})
+    uncached_settings = Settings(sd.steps, sd.resolution, sd.batch, sd.rank, cached=False)
+    uncached = lora_cli_preset(paths["sd15"], paths["data"], work / "lc-sd15-nc", uncached_settings)
+    found = [
+        Case("lora-cli SD1.5-arch, latents + text cached", _train(cached, work / "sd15.yaml"), cached),
+        Case("same, train.compile: true", _train(compiled, work / "sd15-compile.yaml"), compiled, timeout=300),
+        Case("lora-cli SD1.5-arch, nothing cached", _train(uncached, work / "sd15-nc.yaml"), uncached),
+    ]
+    if examples is not None:
+        peer = peer_command(examples, paths["sd15"], paths["data"], work / "df-sd15", sd)
+        found.append(Case("diffusers dreambooth LoRA example (text embeddings precomputed)", peer))
+    for quantize in ("nf4", "none"):
+        if small and quantize == "nf4":
+            continue  # bitsandbytes' 4-bit kernels need CUDA
+        out = work / f"flux-{quantize}"
+        flux = {
+            "model": {"path": str(paths["flux"]), "dtype": "bfloat16", "quantize": quantize, "max_text_tokens": 16},
+            "adapter": {"type": "lora", "rank": 16, "alpha": 16, "targets": "full"},
+            "data": {"folder": str(paths["data"]), "resolution": sd.resolution},
+            "train": {"steps": flux_steps, "batch_size": 1, "learning_rate": 1e-4, "mixed_precision": sd.precision,
+                      "seed": 0},
+            "output": {"dir": str(out)},
+        }  # fmt: skip
+        label = "nf4 base" if quantize == "nf4" else "bf16 base"
+        name = f"lora-cli Flux-shaped {'tiny' if small else '1.2B'}, {label}, rank 16 on every Linear, batch 1"
+        found.append(Case(name, _train(flux, work / f"flux-{quantize}.yaml"), flux, 180, out / "metrics.jsonl"))
+    if not small:
+        quickstart = ["-c", TRAIN, str(ROOT / "presets" / "quickstart.yaml"), "--no-progress", "--overwrite",
+                      "--set", f"output.dir={work / 'quickstart'}"]  # fmt: skip
+        found.append(Case("quickstart (builtin:shapes, 1,600 steps)", quickstart, timeout=240))
+    return found
+
+
+def _with(preset: dict, changes: dict) -> dict:
+    return {key: {**value, **changes.get(key, {})} for key, value in preset.items()}
+
+
+def _train(preset: dict, path: Path) -> list[str]:
+    return lora_cli_command({"version": 1, **preset}, path, "--overwrite")
+
+
+def plan_peak(preset: dict, path: Path) -> str:
+    """The peak the planner estimates for `preset` (GPU on a GPU machine, RAM on a CPU one)."""
+    path.write_text(yaml.safe_dump({"version": 1, **preset}))
+    result = subprocess.run([sys.executable, "-c", TRAIN, str(path), "--plan"], capture_output=True, text=True)
+    found = re.search(r"(?:GPU memory|RAM) peak: ([\d.]+ [KMG]iB)", result.stdout + result.stderr)
+    return found.group(1) if found else f"failed (exit {result.returncode})"
+
+
+def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
+    stamps = work / f"{re.sub(r'[^a-z0-9]+', '-', case.name.lower())[:40]}.json"
+    stamps.unlink(missing_ok=True)
+    run = [sys.executable, "-m", "benchmarks.step_timer", str(stamps), *case.command]
+    began = time.perf_counter()
+    with GpuMemoryPeak() as memory:
+        try:
+            result = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=min(case.timeout, limit))
+            returncode, tail = result.returncode, (result.stderr or result.stdout).strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            returncode, tail = None, [f"not finished after {min(case.timeout, limit):.0f} s"]
+    row: dict[str, object] = {
+        "run": case.name,
+        "wall_s": round(time.perf_counter() - began, 1),
+        "gpu_peak_mib": memory.peak,
+    }
+    if stamps.exists():
+        times = json.loads(stamps.read_text())
+        wall = times["wall"]
+        skip = max(1, len(wall) // 4)
+        intervals = [b - a for a, b in zip(wall[skip:], wall[skip + 1 :], strict=False)]
+        row.update(steps=len(wall), first_step_s=round(wall[0] - times["started"], 1) if wall else None)
+        row["s_per_step"] = round(statistics.median(intervals), 4) if intervals else None
+    if returncode != 0:
+        row["failed"] = f"exit {returncode}: {tail[0][:160]}" if returncode is not None else tail[0]
+    if case.losses_from is not None and case.losses_from.exists():
+        losses = [json.loads(line)["loss"] for line in case.losses_from.read_text().splitlines()]
+        head, end = losses[: max(1, len(losses) // 4)], losses[-max(1, len(losses) // 4) :]
+        row["loss"] = f"{statistics.mean(head):.4f} -> {statistics.mean(end):.4f}"
+    return row
+
+
+def print_table(rows: list[dict[str, object]], header: Callable[[], str]) -> None:
+    print(header())
+    print("| run | s/step | first step (s) | GPU peak (MiB) | --plan | loss (first -> last quarter) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        speed = row.get("failed") or row.get("skipped") or row.get("s_per_step", "")
+        print(f"| {row['run']} | {speed} | {row.get('first_step_s', '')} | {row.get('gpu_peak_mib') or ''} | "
+              f"{row.get('plan', '')} | {row.get('loss', '')} |")  # fmt: skip
+
+
+def environment() -> str:
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
+    versions = f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}"
+    return f"{time.strftime('%Y-%m-%d')}, {device}, {versions}, accelerate {accelerate.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--diffusers-examples", type=Path, help="diffusers' examples/ folder (the peer's script)")
+    parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole table")
+    parser.add_argument("--work", type=Path, help="where models and runs go (default: a temporary folder)")
+    parser.add_argument("--small", action="store_true", help="CPU dry run with tiny models")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        paths = build_inputs(work, args.small)
+        print(f"models built in {time.perf_counter() - began:.0f} s", flush=True)
+        rows = []
+        for case in cases(work, paths, args.diffusers_examples, args.small):
+            left = args.deadline - (time.perf_counter() - began)
+            if left < 30:
+                rows.append({"run": case.name, "skipped": "skipped (deadline)"})
+                continue
+            row = run_case(case, work, left)
+            if case.plan is not None:
+                row["plan"] = plan_peak(case.plan, work / "plan.yaml")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print_table(rows, environment)
+
+
+if __name__ == "__main__":
+    main()
