@@ -159,6 +159,8 @@ def main() -> None:
     for name, figures in summary.items():
         print(f"{name:18} CPU {figures['cpu_s'] * 1000:7.1f} ms/step   wall {figures['wall_s'] * 1000:7.1f} ms/step   "
               f"first step {figures['first_step_s']:6.1f} s")  # fmt: skip
+    rounds = [f"{o['cpu_s'] / p['cpu_s']:.2f}" for p, o in zip(*results.values(), strict=True)]
+    print(f"CPU ratio per round (lora-cli / peer): {', '.join(rounds)}")
     print(f"lora-cli / peer: CPU {ours['cpu_s'] / peer['cpu_s']:.2f}x, wall {ours['wall_s'] / peer['wall_s']:.2f}x, "
           f"first step {ours['first_step_s'] / peer['first_step_s']:.2f}x")  # fmt: skip
 

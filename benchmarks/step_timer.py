@@ -20,6 +20,7 @@ def main() -> None:
     started = time.perf_counter()  # before torch is imported: time to first step counts every import
     out, target, *rest = sys.argv[1:]
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     stamps: list[tuple[float, float]] = []
 
@@ -34,7 +35,7 @@ def main() -> None:
             json.dump({"cpu": [s[0] for s in stamps], "wall": [s[1] for s in stamps], "gpu_peak_bytes": peak,
                        "started": started}, handle)  # fmt: skip
 
-    torch.optim.optimizer.register_optimizer_step_post_hook(stamp)
+    register_optimizer_step_post_hook(stamp)
     atexit.register(write)
     if target == "-c":
         code, *rest = rest

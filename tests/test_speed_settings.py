@@ -15,10 +15,11 @@ from lora_cli.training.step_guard import guarded_step
 from tests.conftest import invoke
 
 
-def tiny_optimizer(fused: bool) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+def tiny_optimizer(kind: str) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
-    return params, torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=fused)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[kind]
+    return params, torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, **flags)
 
 
 def set_grads(params, scale: float = 1.0, broken: bool = False) -> None:
@@ -28,14 +29,14 @@ def set_grads(params, scale: float = 1.0, broken: bool = False) -> None:
             param.grad.view(-1)[0] = float("nan")
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_an_undone_step_equals_a_step_never_taken(fused: bool) -> None:
-    guarded, guarded_opt = tiny_optimizer(fused)
-    plain, plain_opt = tiny_optimizer(fused)
+@pytest.mark.parametrize("kind", ["fused", "foreach", "plain"])
+def test_an_undone_step_equals_a_step_never_taken(kind: str) -> None:
+    guarded, guarded_opt = tiny_optimizer(kind)
+    plain, plain_opt = tiny_optimizer(kind)
     # A bad first step (its state is created, then reset), a good one, a bad one, a good one.
     for bad in (True, False, True, False):
         set_grads(guarded, broken=bad)
-        guarded_step(guarded_opt, torch.tensor(not bad))
+        guarded_step(guarded_opt, torch.tensor(not bad), guarded_opt)
         guarded_opt.zero_grad()
         if not bad:
             set_grads(plain)
@@ -174,3 +175,20 @@ def test_every_attention_of_a_step_runs_through_sdpa(architecture: str, tiny_bas
     monkeypatch.setattr(torch, "softmax", counted("softmax", torch.softmax))
     micro_batch_loss(session, [BatchSample(0, 1)])
     assert calls["sdpa"] > 0 and calls["softmax"] == 0, calls
+
+
+def test_cached_caption_tokens_equal_the_tokenizers_own(tiny_sd: Path, monkeypatch) -> None:
+    from transformers import CLIPTokenizer
+
+    from lora_cli.models.tokens import padded_tokens
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd / "tokenizer")
+    captions = ["a red circle", "", "a red circle", "a blue square, " * 40]  # repeated, empty, cut at the limit
+    direct = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    first = padded_tokens(tokenizer, captions, 77, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *args, **kwargs: calls.append(1))
+    again = padded_tokens(tokenizer, captions[::-1], 77, torch.device("cpu"))
+    assert not calls  # served from the cache
+    for name in ("input_ids", "attention_mask"):
+        assert torch.equal(first[name], direct[name]) and torch.equal(again[name], direct[name].flip(0))

@@ -8,7 +8,8 @@ import torch
 
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.naming import KohyaComponent
-from lora_cli.models.transformer_base import DiffusionTransformer, tokens
+from lora_cli.models.tokens import padded_tokens
+from lora_cli.models.transformer_base import DiffusionTransformer
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
@@ -70,8 +71,8 @@ class Flux(DiffusionTransformer):
         """CLIP's pooled output (the global vector) and T5's token states, padded to the token limit."""
         clip_tokenizer, clip = base.tokenizers["text_encoder"], base.text_encoders["text_encoder"]
         t5_tokenizer, t5 = base.tokenizers["text_encoder_2"], base.text_encoders["text_encoder_2"]
-        clip_ids = tokens(clip_tokenizer, captions, clip_tokenizer.model_max_length, clip.device).input_ids
-        t5_ids = tokens(t5_tokenizer, captions, base.pipeline_extras["text_tokens"], t5.device).input_ids
+        clip_ids = padded_tokens(clip_tokenizer, captions, clip_tokenizer.model_max_length, clip.device).input_ids
+        t5_ids = padded_tokens(t5_tokenizer, captions, base.pipeline_extras["text_tokens"], t5.device).input_ids
         return {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output}
 
     def extra_conditioning(

@@ -13,7 +13,8 @@ import torch
 from lora_cli.diffusion.objectives import DenoisingObjective
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.naming import KohyaComponent
-from lora_cli.models.transformer_base import DiffusionTransformer, tokens
+from lora_cli.models.tokens import padded_tokens
+from lora_cli.models.transformer_base import DiffusionTransformer
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
@@ -47,7 +48,7 @@ class PixArt(DiffusionTransformer):
 
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, encoder = base.tokenizers["text_encoder"], base.text_encoders["text_encoder"]
-        batch = tokens(tokenizer, captions, base.pipeline_extras["text_tokens"], encoder.device)
+        batch = padded_tokens(tokenizer, captions, base.pipeline_extras["text_tokens"], encoder.device)
         states = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
         return {"encoder_hidden_states": states, "encoder_attention_mask": batch.attention_mask.float()}
 

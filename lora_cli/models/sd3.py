@@ -8,7 +8,8 @@ import torch
 
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.naming import KohyaComponent
-from lora_cli.models.transformer_base import DiffusionTransformer, tokens
+from lora_cli.models.tokens import padded_tokens
+from lora_cli.models.transformer_base import DiffusionTransformer
 
 if TYPE_CHECKING:
     pass
@@ -50,11 +51,13 @@ class StableDiffusion3(DiffusionTransformer):
         hidden, pooled = [], []
         for name in CLIP_ENCODERS:
             tokenizer, encoder = base.tokenizers[name], base.text_encoders[name]
-            output = encoder(tokens(tokenizer, captions, 77, encoder.device).input_ids, output_hidden_states=True)
+            ids = padded_tokens(tokenizer, captions, 77, encoder.device).input_ids
+            output = encoder(ids, output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled.append(output[0])
         t5_tokenizer, t5 = base.tokenizers["text_encoder_3"], base.text_encoders["text_encoder_3"]
-        t5_states = t5(tokens(t5_tokenizer, captions, base.pipeline_extras["text_tokens"], t5.device).input_ids)[0]
+        t5_ids = padded_tokens(t5_tokenizer, captions, base.pipeline_extras["text_tokens"], t5.device).input_ids
+        t5_states = t5(t5_ids)[0]
         clip_states = torch.cat(hidden, dim=-1)
         clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         return {

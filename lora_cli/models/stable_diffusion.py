@@ -12,6 +12,7 @@ from lora_cli.models.base import LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
 from lora_cli.models.naming import KohyaComponent, text_model_aliases
 from lora_cli.models.single_file import original_unet_modules
+from lora_cli.models.tokens import padded_tokens
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import ModelSection, Preset
@@ -97,13 +98,7 @@ class StableDiffusion:
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = base.tokenizers["text_encoder"]
         encoder = base.text_encoders["text_encoder"]
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(encoder.device)
+        ids = padded_tokens(tokenizer, captions, tokenizer.model_max_length, encoder.device).input_ids
         return {"encoder_hidden_states": encoder(ids)[0]}
 
     def encode_images(self, base: LoadedBase, pixels: torch.Tensor) -> torch.Tensor:

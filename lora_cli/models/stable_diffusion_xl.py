@@ -9,6 +9,7 @@ import torch
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.stable_diffusion import StableDiffusion
+from lora_cli.models.tokens import padded_tokens
 
 if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
@@ -32,10 +33,7 @@ class StableDiffusionXL(StableDiffusion):
         hidden, pooled = [], None
         for name in self.text_encoder_classes:
             tokenizer, encoder = base.tokenizers[name], base.text_encoders[name]
-            ids = tokenizer(
-                captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(encoder.device)  # fmt: skip
+            ids = padded_tokens(tokenizer, captions, tokenizer.model_max_length, encoder.device).input_ids
             output = encoder(ids, output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output[0]  # the last encoder's projected pooled output (text_embeds)

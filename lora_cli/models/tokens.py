@@ -1,10 +1,36 @@
-"""How many tokens of a caption a base's text encoder reads: the tokenizer that bounds it and its limit."""
+"""Captions as tokens: the padded ids a text encoder reads (each caption tokenized once), and how many tokens
+of a caption a base's text encoder reads (the tokenizer that bounds it and its limit)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
+
+import torch
 
 from lora_cli.models.source import BaseSource
+
+CACHED_CAPTIONS = 16_384  # per tokenizer; tag shuffling makes new captions every step, so the cache is bounded
+_padded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(caption, length): rows}
+
+
+def padded_tokens(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Any:
+    """Token ids (and attention mask) [B, length], padded and cut to `length`, on `device`. Training reads the
+    same captions every epoch, so each is tokenized once per tokenizer and length."""
+    from transformers import BatchEncoding
+
+    known = _padded.setdefault(tokenizer, {})
+    missing = [caption for caption in dict.fromkeys(captions) if (caption, length) not in known]
+    if missing:
+        if len(known) + len(missing) > CACHED_CAPTIONS:
+            known.clear()
+        batch = tokenizer(missing, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        for index, caption in enumerate(missing):
+            known[(caption, length)] = {name: values[index] for name, values in batch.items()}
+    rows = [known[(caption, length)] for caption in captions]
+    return BatchEncoding({name: torch.stack([row[name] for row in rows]) for name in rows[0]}).to(device)
+
 
 TokenCounter = tuple[Callable[[str], int], int, str]  # count(caption), the limit, which tokenizer counts
 

@@ -112,8 +112,3 @@ class DiffusionTransformer:
             **base.text_encoders,
             **tokenizers,
         )
-
-
-def tokens(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Any:
-    """Token ids (and attention mask) padded and cut to `length`."""
-    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").to(device)

@@ -8,7 +8,8 @@ import torch
 
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.naming import KohyaComponent
-from lora_cli.models.transformer_base import DiffusionTransformer, tokens
+from lora_cli.models.tokens import padded_tokens
+from lora_cli.models.transformer_base import DiffusionTransformer
 
 if TYPE_CHECKING:
     pass
@@ -42,7 +43,7 @@ class Wan(DiffusionTransformer):
     def encode_prompts(self, base: LoadedBase, captions: list[str]) -> dict[str, torch.Tensor]:
         """UMT5 states with the padding positions zeroed, as Wan's pipeline feeds them."""
         tokenizer, encoder = base.tokenizers["text_encoder"], base.text_encoders["text_encoder"]
-        batch = tokens(tokenizer, captions, base.pipeline_extras["text_tokens"], encoder.device)
+        batch = padded_tokens(tokenizer, captions, base.pipeline_extras["text_tokens"], encoder.device)
         states = encoder(batch.input_ids, batch.attention_mask).last_hidden_state
         return {"encoder_hidden_states": states * batch.attention_mask[..., None].to(states.dtype)}
 

@@ -12,6 +12,7 @@ from lora_cli.training.cache import EncodingCache
 from lora_cli.training.data import TrainingData
 
 CACHE_BATCH = 2  # images per VAE call while caching: its activations, not speed, set the peak
+TEXT_CACHE_BATCH = 16  # captions per text-encoder call while caching (padded to one length, so batching is free)
 
 
 class BatchEncoder:
@@ -91,13 +92,18 @@ class BatchEncoder:
                     self._latents[index] = encoding
 
     def _cache_prompts(self, store: EncodingCache) -> None:
-        captions = sorted({item.caption for item in self.data.items} | {""})
-        for caption in captions:
-            key = store.key(caption)
-            cached = store.get(key)
+        pending = []
+        for caption in sorted({item.caption for item in self.data.items} | {""}):
+            cached = store.get(store.key(caption))
             if cached is None:
-                with torch.no_grad():
-                    encoded = self.base.architecture.encode_prompts(self.base, [caption])
-                cached = {name: value[0].float().cpu() for name, value in encoded.items()}
-                store.put(key, cached)
-            self._prompts[caption] = cached
+                pending.append(caption)
+            else:
+                self._prompts[caption] = cached
+        for start in range(0, len(pending), TEXT_CACHE_BATCH):
+            chunk = pending[start : start + TEXT_CACHE_BATCH]
+            with torch.no_grad():
+                encoded = self.base.architecture.encode_prompts(self.base, chunk)
+            for index, caption in enumerate(chunk):
+                cached = {name: value[index].float().cpu() for name, value in encoded.items()}
+                store.put(store.key(caption), cached)
+                self._prompts[caption] = cached

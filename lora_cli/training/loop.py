@@ -117,11 +117,12 @@ def optimizer_step(session: TrainingSession) -> StepRecord:
     finite = loss_finite if accelerator.scaler else loss_finite & grad_finite
     lr = session.scheduler.get_last_lr()[0]
     record = StepRecord(session.step + 1, lr, session.epoch, total, grad_norm, loss_finite, finite)
-    if accelerator.scaler or not supports_deferred_skip(_inner(session.optimizer)):
+    inner = _inner(session.optimizer)
+    if accelerator.scaler or not supports_deferred_skip(inner):
         if bool(finite.item()):  # this optimizer keeps state the device cannot undo: decide now
             session.optimizer.step()
     else:
-        guarded_step(session.optimizer, finite)
+        guarded_step(session.optimizer, finite, inner)
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     session.step += 1

@@ -2,9 +2,11 @@
 host ever reading the flag (as GradScaler keeps `found_inf` on the device): the training loop never waits for
 the accelerator between steps, and non-finite steps are still dropped exactly.
 
-Works for optimizers whose whole state is tensors (torch's AdamW: fused, foreach or plain); their parameters and
-state are copied before the step and put back where the flag is false. Optimizers that keep state in Python
-numbers (Prodigy's step size, bitsandbytes' 8-bit blocks) are stepped only after the host has read the flag.
+Works for torch's Adam/AdamW. The fused kernel (the default) takes the flag itself, as GradScaler hands it
+`found_inf`: where it is set the kernel changes nothing and the step count is taken back, at no cost. The foreach
+and plain ones have their parameters and state copied before the step and put back where the flag is false.
+Optimizers that keep state in Python numbers (Prodigy's step size, bitsandbytes' 8-bit blocks) are stepped only
+after the host has read the flag.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ def supports_deferred_skip(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) in (torch.optim.AdamW, torch.optim.Adam)
 
 
-def guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-    """`optimizer.step()`, undone on the device where `finite` (a 0-d bool tensor) is false: parameters and
-    state return to what they were; state the step created is reset to zero (a fresh optimizer's)."""
+def guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor, inner: torch.optim.Optimizer) -> None:
+    """`optimizer.step()` (`inner` is the torch optimizer it wraps, or itself), without effect on the device where
+    `finite` (a 0-d bool tensor) is false: parameters and state stay what they were; state a first step created
+    is zero (a fresh optimizer's)."""
+    if all(group.get("fused") for group in inner.param_groups):
+        inner.found_inf = (~finite).to(torch.float32)  # read by Adam.step for its fused kernel
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+        return
     before = {id(t): _local(t).clone() for t in _state_tensors(optimizer)}
     optimizer.step()
     for tensor in _state_tensors(optimizer):
