@@ -44,12 +44,12 @@ TYPE_OVERRIDES = {
 }
 
 
-def load_pipeline(adapter: Path | None):
+def load_pipeline(adapter: Path | None, base_path: str = "builtin:shapes"):
     from lora_cli.adapters.loading import load_adapter_file
     from lora_cli.config.schema import ModelSection
     from lora_cli.models import load_base
 
-    base = load_base(ModelSection(path="builtin:shapes"))
+    base = load_base(ModelSection(path=base_path))
     if adapter is not None:
         load_adapter_file(base.trainable_components(), base.architecture, adapter)
     return base.architecture.build_pipeline(base)

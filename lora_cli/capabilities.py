@@ -23,6 +23,7 @@ COMMANDS = {
     "sample": "`lora-sample`",
     "extract": "`lora-extract`",
     "resize": "`lora-resize --base`",
+    "transfer": "`lora-transfer`",
     "plan": "`lora-train --plan`",
 }
 

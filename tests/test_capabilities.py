@@ -142,6 +142,7 @@ def run(cell: Cell, world: World, tmp_path: Path):
         "sample": ("sample", "--base", base, "--adapter", adapter, *sample_options(cell, world, tmp_path / "samples")),
         "extract": ("lowrank", base, base, str(out), "--rank", "2"),
         "resize": ("lowrank", adapter, str(out), "--rank", "2", "--base", base),
+        "transfer": ("transfer", adapter, str(out), "--from", base, "--to", base, "--energy", "1"),
     }  # fmt: skip
     module, *args = commands[cell.command]
     entry = {"extract": "extract_main", "resize": "resize_main"}.get(cell.command, "main")
@@ -283,6 +284,27 @@ def check_resize(cell: Cell, world: World, tmp_path: Path) -> None:
         torch.testing.assert_close(delta_weight(resized.tensors[key], weight.shape), expected, rtol=1e-3, atol=1e-5)
     small = run(cell, world, tmp_path)
     assert small.returncode == 0 and "rank 2" in small.stdout, small.stderr
+
+
+def check_transfer(cell: Cell, world: World, tmp_path: Path) -> None:
+    """Carried to its own base (the rotation is the identity), any algorithm becomes a plain LoRA with the same
+    update, recorded as carried from and to that base."""
+    from lora_cli.adapters.functional import merged_weight
+    from tests.conftest import base_weights
+
+    result = run(cell, world, tmp_path)
+    assert result.returncode == 0, result.stderr
+    base, out = world.base(cell), tmp_path / "out.safetensors"
+    weights = base_weights(base)
+    original, carried = read_for_base(world.adapter(cell), base).tensors, read_for_base(out, base)
+    assert carried.algorithm.name == "lora" and carried.tensors.keys() == original.keys()
+    for key, named in list(original.items())[:3]:
+        weight = weights.read_weight(key).float()
+        torch.testing.assert_close(
+            merged_weight(weight, carried.tensors[key]), merged_weight(weight, named), rtol=1e-4, atol=1e-5
+        )
+    record = json.loads(carried.metadata["lora_cli.transferred_from"])
+    assert record["source_fingerprint"] == record["target_fingerprint"] == carried.metadata["lora_cli.base_fingerprint"]
 
 
 def check_plan(cell: Cell, world: World, tmp_path: Path) -> None:

@@ -68,5 +68,16 @@ def merged_weight(weight: torch.Tensor, named: Named, strength: float = 1.0) -> 
     return base + strength * (magnitude * combined / norm - base)
 
 
+RANK_AXES = (("lora_down.weight", 0), ("hada_w1_a", 1), ("lokr_w2_a", 1), ("lokr_w1_a", 1))
+
+
+def layer_rank(named: Named) -> int:
+    """The rank a layer was trained at (LoKr with two full factors stores alpha = rank)."""
+    for name, axis in RANK_AXES:
+        if name in named:
+            return int(named[name].shape[axis])
+    return int(round(float(named.get("alpha", 0))))
+
+
 def _alpha(named: Named, rank: int) -> float:
     return float(named["alpha"]) if "alpha" in named else float(rank)

@@ -70,12 +70,33 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     write_with(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
-def header_fingerprint(files: list[Path]) -> str:
-    """sha256 over the headers (names, shapes, dtypes, offsets) of the given safetensors files."""
+def weights_fingerprint(files: list[Path], sample_bytes: int = 64) -> str:
+    """sha256 over the headers (names, shapes, dtypes, offsets) of the given safetensors files and the first and
+    last `sample_bytes` of every tensor's data: fast (no whole tensor is read), yet two bases of one
+    architecture — a fine-tune and its original — differ, as their headers alone would not."""
     digest = hashlib.sha256()
     for file in sorted(files):
         with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            header = handle.read(min(length, MAX_HEADER_BYTES))
             digest.update(file.name.encode())
-            digest.update(handle.read(min(length, MAX_HEADER_BYTES)))
+            digest.update(header)
+            for start, end in _data_spans(header):
+                for offset in sorted({start, max(start, end - sample_bytes)}):
+                    handle.seek(8 + length + offset)
+                    digest.update(handle.read(min(sample_bytes, end - offset)))
     return digest.hexdigest()
+
+
+def _data_spans(header: bytes) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of every tensor's data in file order; none for a header that is not JSON."""
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    spans = [
+        tuple(entry["data_offsets"])
+        for name, entry in entries.items()
+        if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2
+    ]
+    return sorted((int(start), int(end)) for start, end in spans)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BaseIdentity:
-    """Where the base came from and a fingerprint of its weight files' headers."""
+    """Where the base came from and a fingerprint of its weight files (headers and sampled bytes)."""
 
     source: str
     fingerprint: str

@@ -17,7 +17,7 @@ from pathlib import Path
 from lora_cli.builtin import BUILTIN_PREFIX, builtin_models, builtin_path
 from lora_cli.errors import ModelLoadError
 from lora_cli.io.pickle_file import as_safetensors, is_pickle
-from lora_cli.io.safetensors_file import PICKLE_SUFFIXES, header_fingerprint, read_header
+from lora_cli.io.safetensors_file import PICKLE_SUFFIXES, read_header, weights_fingerprint
 from lora_cli.models.base import Architecture, BaseIdentity
 
 
@@ -36,9 +36,9 @@ class BaseSource:
         return self.location.is_file()
 
     def fingerprint(self) -> str:
-        """sha256 over the weight files' safetensors headers (fast: no tensor data is read)."""
+        """sha256 over the weight files' headers and a sample of every tensor's bytes (see `weights_fingerprint`)."""
         files = [self.location] if self.is_single_file else sorted(self.location.rglob("*.safetensors"))
-        return header_fingerprint(files)
+        return weights_fingerprint(files)
 
     def identity(self) -> BaseIdentity:
         """What adapter metadata records about the base: where it came from, its fingerprint, its architecture."""

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.adapters.files import first_nonfinite, load_adapter_tensors
+from lora_cli.adapters.functional import layer_rank
 from lora_cli.adapters.layouts import parse_layout
 from lora_cli.adapters.registry import detect_algorithm
 from lora_cli.errors import AdapterError
 
 PROVENANCE_KEYS = ("base_model", "base_fingerprint", "base_architecture", "step", "dataset_fingerprint", "version")
-RANK_AXES = (("lora_down.weight", 0), ("hada_w1_a", 1), ("lokr_w2_a", 1), ("lokr_w1_a", 1))
 
 
 def adapter_info(path: Path) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def adapter_info(path: Path) -> dict[str, Any]:
     layout = next((name for a in ARCHITECTURES if (name := a.converts_layout(list(flat)))), parsed.layout)
     layers = {**parsed.stems, **{f"{c}.{m}": named for (c, m), named in parsed.paths.items()}}
     names = {name for named in layers.values() for name in named}
-    ranks = {layer: _rank(named) for layer, named in layers.items()}
+    ranks = {layer: layer_rank(named) for layer, named in layers.items()}
     alphas = {layer: float(named["alpha"]) for layer, named in layers.items() if "alpha" in named}
     info = {
         "file": str(path),
@@ -72,13 +72,6 @@ def fit_to_base(path: Path, base: str, allow_pickle: bool = False) -> dict[str, 
     }
 
 
-def _rank(named: dict) -> int:
-    for name, axis in RANK_AXES:
-        if name in named:
-            return int(named[name].shape[axis])
-    return int(round(float(named.get("alpha", 0))))  # LoKr with two full factors stores alpha = rank
-
-
 def _component(layer: str, stems: dict) -> str:
     """A layer's component: named in the key, or for a kohya stem the one whose prefix (of any architecture)
     it starts with, the longest prefix winning."""
@@ -88,3 +81,25 @@ def _component(layer: str, stems: dict) -> str:
         return layer.split(".", 1)[0]
     owners = [(len(s.prefix), c) for a in ARCHITECTURES for c, s in a.kohya_table.items() if layer.startswith(s.prefix)]
     return max(owners)[1] if owners else "other"
+
+
+def carry_over_summary(
+    path: Path, source: str, base: str, threshold: float, energy: float, method: str
+) -> dict[str, Any]:
+    """How well the adapter trained on SOURCE carries over to BASE (`lora-transfer`'s per-layer similarity)."""
+    from lora_cli.toolbox.transfer import carry_over
+
+    report = carry_over(path, source, base, threshold, energy, method)
+    similarities = [layer.similarity for layer in report.layers]
+    return {
+        "from": source,
+        "threshold": threshold,
+        "subspace_energy": energy,
+        "method": method,
+        "similar_layers": len(report.layers) - len(report.skipped),
+        "dissimilar_layers": [layer.module for layer in report.skipped],
+        "missing_layers": report.missing + report.reshaped,
+        "mean_similarity": round(sum(similarities) / len(similarities), 4) if similarities else None,
+        "layers": {layer.module: {"similarity": round(layer.similarity, 4), "change": round(layer.change, 4)}
+                   for layer in report.layers},
+    }  # fmt: skip

@@ -39,7 +39,7 @@ def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None) -> tup
     total = float(squares.sum()) or 1.0
     if rank is None:
         kept = torch.cumsum(squares, 0) / total
-        rank = int(torch.searchsorted(kept, torch.tensor(min(energy or 1.0, 1.0) - 1e-9)).item()) + 1
+        rank = int((kept < min(energy or 1.0, 1.0) - 1e-9).sum()) + 1
     rank = max(1, min(rank, s.numel()))
     root = s[:rank].sqrt()
     up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
@@ -81,7 +81,7 @@ def extract(base: str, tuned: str, out: Path, rank: int | None, energy: float | 
     if not tensors:
         raise AdapterError(f"{tuned}: no weight differs from {base}; there is nothing to extract")
     extracted = json.dumps({"base": str(base), "tuned": str(tuned)})
-    _save(out, tensors, architecture, architecture.default_format, {"lora_cli.extracted_from": extracted})
+    save_lora(out, tensors, architecture, architecture.default_format, {"lora_cli.extracted_from": extracted})
     return reports
 
 
@@ -122,10 +122,16 @@ def _resize_layers(
         result[key], kept = low_rank(delta, rank, energy)
         reports.append(LayerReport(key[1], int(result[key]["alpha"]), kept))
     literal = all(module.startswith("lora_") for _, module in result) and file.layout in ("kohya", "lycoris")
-    layout = file.metadata.get("lora_cli.format", "kohya" if file.layout in ("kohya", "lycoris") else "")
-    file_format = layout if layout in ("kohya", "diffusers") else file.architecture.default_format
-    _save(out, result, file.architecture, file_format, {"lora_cli.resized_from": file.path.name}, literal)
+    metadata = {"lora_cli.resized_from": file.path.name}
+    save_lora(out, result, file.architecture, output_format(file), metadata, literal)
     return reports
+
+
+def output_format(file: AdapterFile) -> str:
+    """The layout a rewritten adapter keeps: kohya or diffusers as it came; other layouts become the
+    architecture's usual one."""
+    layout = file.metadata.get("lora_cli.format", "kohya" if file.layout in ("kohya", "lycoris") else "")
+    return layout if layout in ("kohya", "diffusers") else file.architecture.default_format
 
 
 def _shape_from_lora(named: Named, module: str, path: Path) -> torch.Size:
@@ -137,7 +143,7 @@ def _shape_from_lora(named: Named, module: str, path: Path) -> torch.Size:
     raise AdapterError(f"{path}: LoHa/LoKr layers do not record their shapes ({module}); pass --base")
 
 
-def _save(
+def save_lora(
     out: Path,
     tensors: AdapterTensors,
     architecture: Architecture,

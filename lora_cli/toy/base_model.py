@@ -113,14 +113,16 @@ def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log) -> float:
     return float(1.0 / latents.std())
 
 
-def train_unet(unet, latents: torch.Tensor, embeddings: torch.Tensor, empty: torch.Tensor, steps: int, seed: int, log):
+def train_unet(
+    unet, latents: torch.Tensor, embeddings: torch.Tensor, empty: torch.Tensor, steps: int, seed: int, log, lr=1e-3
+):
     """Epsilon-prediction DDPM training on cached latents with 10% empty captions; returns the EMA UNet."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     generator = torch.Generator().manual_seed(seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -48,12 +48,19 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float)
     return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points]
 
 
-def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.Image:
-    """One image: jittered position, size and rotation; background light and slightly varied."""
+def draw_shape(
+    colour: str,
+    shape: str,
+    size: int,
+    rng: random.Random,
+    background: tuple[int, int] = (225, 250),
+    radius_share: tuple[float, float] = (0.22, 0.34),
+) -> Image.Image:
+    """One image: jittered position, size (radius as a share of the side) and rotation; each background
+    channel drawn from the `background` range (light and slightly varied by default)."""
     big = size * SUPERSAMPLE
-    background = tuple(rng.randint(225, 250) for _ in range(3))
-    image = Image.new("RGB", (big, big), background)
-    radius = big * rng.uniform(0.22, 0.34)
+    image = Image.new("RGB", (big, big), tuple(rng.randint(*background) for _ in range(3)))
+    radius = big * rng.uniform(*radius_share)
     cx = big / 2 + rng.uniform(-0.12, 0.12) * big
     cy = big / 2 + rng.uniform(-0.12, 0.12) * big
     angle = rng.uniform(-0.3, 0.3) if shape != "circle" else 0.0
