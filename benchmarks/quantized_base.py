@@ -1,7 +1,7 @@
 """A quantized frozen base on a DiT of a few hundred million parameters: weight memory, learning, step time.
 
 Builds a Flux-shaped pipeline with random weights (a 4 double + 8 single block transformer, 1024 wide, ~280M
-parameters; tiny VAE and text encoders), then for `none` (bf16 storage), `int8` and `nf4`:
+parameters; tiny VAE and text encoders), then for `none` (bf16 storage), `fp8`, `int8` and `nf4`:
 - the denoiser's weight memory (parameters and buffers as stored);
 - a LoRA (rank 16, every Linear) trained by lora-cli's own session for `--steps` steps on one fixed image:
   the loss on fixed noise before and after, and the CPU time per step (one thread).
@@ -77,7 +77,7 @@ def main() -> None:
             for suffix in (".png", ".txt"):
                 source = next(data.glob(f"*{suffix}"))
                 shutil.copy(source, data / f"copy{copy}{suffix}")
-        results = {mode: measure(base, data, mode, args.steps, work) for mode in ("none", "int8", "nf4")}
+        results = {mode: measure(base, data, mode, args.steps, work) for mode in ("none", "fp8", "int8", "nf4")}
     reference = results["none"]["weights_mib"]
     print(f"Flux-shaped DiT, {results['none']['parameters'] / 1e6:.0f}M parameters as loaded; LoRA rank 16 on every "
           f"Linear, {args.steps} steps on one 64 px image, one thread")  # fmt: skip

@@ -59,8 +59,9 @@ def test_settings_move_the_estimate_the_right_way(shapes) -> None:
     assert part(checkpointed, "activations") < part(plan, "activations") / 2
     half = estimate_memory(shapes, replace(base, dtype="bfloat16"))
     assert part(half, "weights: unet") == pytest.approx(part(plan, "weights: unet") / 2, rel=0.01)
-    unet = [part(estimate_memory(shapes, replace(base, quantize=q)), "weights: unet") for q in ("none", "int8", "nf4")]
-    assert unet[0] > unet[1] > unet[2]
+    modes = ("none", "int8", "fp8", "nf4")
+    unet = [part(estimate_memory(shapes, replace(base, quantize=q)), "weights: unet") for q in modes]
+    assert unet[0] > unet[1] == unet[2] > unet[3]
     quantized = estimate_memory(shapes, replace(base, quantize="nf4"))
     assert quantized.peak_ram_bytes > plan.peak_ram_bytes  # the full-precision copy while quantizing
     optimizers = [
@@ -336,6 +337,15 @@ def test_advice_makes_a_tight_budget_fit_and_says_when_nothing_can(shapes) -> No
     # On a GPU the denoiser waits in RAM while the caches fill; on the CPU quantizing it lowers the peak.
     on_cpu = advise(shapes, start, Budget(ram=1 * MiB), "cpu")
     assert "model.quantize" in {key for change in on_cpu.changes for key in change.updates}
+    # fp8 (every algorithm) when it is enough, nf4 (LoRA/LoCon only) when more is needed; never int8.
+    ready = replace(start, cache_latents=True, cache_text_embeddings=True, gradient_checkpointing=True,
+                    optimizer="adamw8bit")  # fmt: skip
+    fp8 = estimate_memory(shapes, replace(ready, quantize="fp8"), "cpu")
+    enough = advise(shapes, ready, Budget(ram=fp8.peak_ram_bytes + MiB), "cpu")
+    assert [change.updates for change in enough.changes] == [{"model.quantize": "fp8"}]
+    assert {"model.quantize": "nf4"} in [change.updates for change in on_cpu.changes]
+    loha = advise(shapes, replace(start, adapter=AdapterSection(type="loha")), Budget(ram=1 * MiB), "cpu")
+    assert [c.updates["model.quantize"] for c in loha.changes if "model.quantize" in c.updates] == ["fp8"]
     roomy = advise(shapes, start, Budget(vram=80 * GiB, ram=80 * GiB))
     assert roomy.fits and not roomy.changes
 

@@ -75,7 +75,7 @@ def sample(
     ] = None,
     quantize: Annotated[
         str,
-        typer.Option("--quantize", help="Load the denoiser as none, nf4, fp4 or int8 (as a QLoRA base saw it)."),
+        typer.Option("--quantize", help="Load the denoiser as none, fp8, nf4, fp4 or int8 (as a QLoRA base saw it)."),
     ] = "none",
 ) -> None:
     from rich.console import Console

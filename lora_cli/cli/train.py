@@ -60,6 +60,16 @@ def train(
             "denoiser is split among them.",
         ),
     ] = 1,
+    host_link: Annotated[
+        float | None,
+        typer.Option(
+            "--host-link",
+            min=0.1,
+            help="For --plan: host-to-GPU bandwidth in GB/s that offloaded blocks are copied at (default 20; about "
+            "25 on PCIe 4.0 x16, 12 on PCIe 3.0 x16 or 4.0 x8).",
+            metavar="GBPS",
+        ),
+    ] = None,
 ) -> None:
     from rich.console import Console
 
@@ -86,6 +96,7 @@ def train(
             ram=parse_size(ram, "--ram") if ram is not None else None,
             images=len(scan_dataset(loaded).items),
             processes=processes,
+            host_link_gbps=host_link,
         )
         Console().print(report, highlight=False, markup=False, soft_wrap=True)
         return

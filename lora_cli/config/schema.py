@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lora_cli.adapters.keys import FILE_FORMATS
 from lora_cli.adapters.registry import algorithms, get_algorithm
+from lora_cli.models.quantize import BITSANDBYTES_MODES
 from lora_cli.models.quantize import CHOICES as QUANTIZE_CHOICES
 
 PRESET_VERSION = 1
@@ -46,8 +47,9 @@ class ModelSection(Section):
     )
     quantize: QuantizeMode = Field(
         "none",
-        description="Store the frozen denoiser's Linear layers quantized (QLoRA): `nf4`/`fp4` (4-bit) or `int8`, "
-        "via bitsandbytes; adapters train beside them (lora/locon, DoRA). Convolutions stay in `dtype`.",
+        description="Store the frozen denoiser's Linear layers quantized (QLoRA): `fp8` (float8 e4m3 with a scale "
+        "per row, upcast per layer; every adapter algorithm), or via bitsandbytes `nf4`/`fp4` (4-bit) or `int8` "
+        "(lora/locon, DoRA). Adapters train beside them. Convolutions stay in `dtype`.",
     )
     max_text_tokens: int | None = Field(
         None,
@@ -218,6 +220,14 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for data order, noise, timesteps and adapter initialisation.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision for the forward pass.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    offload_blocks: int = Field(
+        0,
+        ge=0,
+        description="Keep the frozen weights of this many of a DiT's repeated blocks (the last ones) in host memory "
+        "(pinned on CUDA) and copy each to the GPU just before it runs, the next one prefetched on a side stream; "
+        "adapters stay on the GPU. Needs `gradient_checkpointing`; not with `compile` or FSDP. `lora-train --plan` "
+        "gives the memory saved and the transfer time per step.",
+    )
     fused_optimizer: bool | None = Field(
         None,
         description="`adamw` as torch's fused kernel (one kernel for every adapter tensor; several times faster "
@@ -267,6 +277,14 @@ class TrainSection(Section):
             raise ValueError("set exactly one of `train.steps` or `train.epochs`")
         if self.warmup_steps and self.scheduler == "constant":
             raise ValueError("`train.warmup_steps` has no effect with scheduler `constant`; use `constant_with_warmup`")
+        if self.offload_blocks and not self.gradient_checkpointing:
+            raise ValueError(
+                "`train.offload_blocks` needs `train.gradient_checkpointing: true` (without it every block's weights "
+                "stay on the GPU from its forward pass to its backward pass, and offloading saves nothing)"
+            )
+        if self.offload_blocks and self.compile:
+            raise ValueError("`train.offload_blocks` and `train.compile` do not mix (the copies break the graphs); "
+                             "turn one off")  # fmt: skip
         return self
 
     @property
@@ -418,10 +436,16 @@ class Preset(Section):
                 f"`output.format: {self.output.format}` cannot hold {self.adapter.type} adapters; save it as "
                 f"{' or '.join(f'`{f}`' for f in algorithm.formats)}"
             )
-        if self.model.quantize != "none" and not algorithm.quantized_base:
+        if self.model.quantize in BITSANDBYTES_MODES and not algorithm.quantized_base:
             raise ValueError(
                 f"`model.quantize: {self.model.quantize}` trains {_with(lambda a: a.quantized_base)} adapters only "
-                f"(peft has no bitsandbytes {self.adapter.type} layer); change adapter.type, or quantize: none"
+                f"(peft has no bitsandbytes {self.adapter.type} layer); change adapter.type, or use quantize: fp8 "
+                "(every algorithm) or none"
+            )
+        if self.train.offload_blocks and self.distributed.strategy == "fsdp":
+            raise ValueError(
+                "`train.offload_blocks` cannot offload FSDP shards; use distributed.strategy: ddp, or fsdp without "
+                "offloading (sharding already divides the weights between the GPUs)"
             )
         if self.data.frames is not None and self.prior.enabled:
             raise ValueError("prior preservation works on images; turn `prior` off to train on video clips")

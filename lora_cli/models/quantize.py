@@ -1,10 +1,15 @@
-"""A quantized frozen base (QLoRA): the denoiser's Linear layers stored as bitsandbytes 4-bit or 8-bit weights.
+"""A quantized frozen base (QLoRA): the denoiser's Linear layers stored as bitsandbytes 4-bit or 8-bit weights,
+or as float8 (e4m3) with a scale per output row.
 
 The layers are swapped in by hand after loading (bitsandbytes quantizes a weight when it is moved to a
 device), so the same path runs on CPU — where diffusers' BitsAndBytesConfig refuses to load — and on CUDA.
-Adapters train beside the quantized layers (peft's bitsandbytes LoRA layers); nothing is ever merged into
-4-bit weights. Convolutions stay in the storage dtype: in UNets they hold most of the weights, in DiTs
-almost none.
+Adapters train beside the quantized layers (peft's bitsandbytes LoRA layers; for fp8, every algorithm, as the
+layer is an nn.Linear whose `weight` is upcast when read); nothing is ever merged into quantized weights.
+Convolutions stay in the storage dtype: in UNets they hold most of the weights, in DiTs almost none.
+
+fp8 uses torch's own `float8_e4m3fn` dtype as storage only and computes in the base's dtype (bf16 on a GPU),
+upcasting one layer's weight at a time: no extra dependency, and it runs on the CPU and on every CUDA GPU,
+where torchao's float8 training (scaled fp8 matmuls) needs Ada/Hopper and trains the weights it converts.
 """
 
 from __future__ import annotations
@@ -20,17 +25,18 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-MODES = ("nf4", "fp4", "int8")
+MODES = ("fp8", "nf4", "fp4", "int8")
+BITSANDBYTES_MODES = ("nf4", "fp4", "int8")
 CHOICES = ("none", *MODES)  # `model.quantize`, `lora-sample --quantize` and the planner take these
 BLOCK = 64  # 4-bit layers must have both widths multiples of this (bitsandbytes' blocks and its CPU kernel)
 
 
 def stored_bytes(mode: str, shape: tuple[int, ...]) -> float:
-    """Bytes one Linear weight takes in `mode`: int8, one byte per weight and a float32 scale per output row;
-    nf4/fp4, half a byte per weight and a float32 absmax per block of 64 (bitsandbytes' layout, before its
+    """Bytes one Linear weight takes in `mode`: int8 and fp8, one byte per weight and a float32 scale per output
+    row; nf4/fp4, half a byte per weight and a float32 absmax per block of 64 (bitsandbytes' layout, before its
     optional double quantization)."""
     numel = math.prod(shape)
-    if mode == "int8":
+    if mode in ("int8", "fp8"):
         return numel + 4 * shape[0]
     if mode in ("nf4", "fp4"):
         return numel / 2 + 4 * math.ceil(numel / BLOCK)
@@ -60,28 +66,39 @@ def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dty
     those whose widths are multiples of 64: every large layer of real models; small output heads stay)."""
     from torch import nn
 
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ModelLoadError("model.quantize needs bitsandbytes: pip install 'lora-cli[bnb]'") from None
+    bnb = _bitsandbytes() if mode in BITSANDBYTES_MODES else None
     before = _weight_bytes(model)
     total = sum(p.numel() for p in model.parameters())
     layers = quantized = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or (
-            mode != "int8" and (module.in_features % BLOCK or module.out_features % BLOCK)
+            mode in ("nf4", "fp4") and (module.in_features % BLOCK or module.out_features % BLOCK)
         ):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantized(bnb, module, mode, compute_dtype))
+        if bnb is None:
+            from lora_cli.models.float8 import Float8Linear
+
+            layer = Float8Linear(module, compute_dtype, _inputs_in(compute_dtype))
+        else:
+            layer = _quantized(bnb, module, mode, compute_dtype)
+        setattr(parent, child, layer)
         layers += 1
         quantized += module.weight.numel()
     if mode == "int8":
         model.is_loaded_in_8bit = True  # peft then wraps these layers with its bitsandbytes LoRA layers
-    else:
+    elif mode in ("nf4", "fp4"):
         model.is_loaded_in_4bit = True
     return QuantizationReport(mode, layers, quantized, total, before, _weight_bytes(model))
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ModelLoadError("model.quantize needs bitsandbytes: pip install 'lora-cli[bnb]'") from None
+    return bnb
 
 
 def _quantized(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
@@ -129,12 +146,17 @@ def _weight_bytes(model: nn.Module) -> int:
 
 def quantization_error(weight: torch.Tensor, mode: str) -> torch.Tensor:
     """What storing `weight` in `mode` changes: the dequantized weight minus the original (float32)."""
-    import bitsandbytes.functional as F
-
     weight = weight.float()
+    if mode == "fp8":
+        from lora_cli.models.float8 import to_float8
+
+        stored, scale = to_float8(weight)
+        return stored.float() * scale[:, None] - weight
     if mode == "int8":  # per output row, symmetric absmax, as LLM.int8's weight storage
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
         return (weight / scale).round() * scale - weight
+    import bitsandbytes.functional as F
+
     packed, state = F.quantize_4bit(weight.contiguous(), quant_type=mode)
     return F.dequantize_4bit(packed, state).float().reshape(weight.shape) - weight
 

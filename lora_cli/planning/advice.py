@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from lora_cli.adapters.registry import get_algorithm
 from lora_cli.config.schema import fsdp_conflict
-from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory
+from lora_cli.models.quantize import BITSANDBYTES_MODES
+from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory, offloadable_blocks
 from lora_cli.planning.inventory import BaseInventory
 from lora_cli.units import format_size
 
@@ -62,6 +64,7 @@ def advise(inventory: BaseInventory, settings: PlanSettings, budget: Budget, dev
     """Changes, in order, that bring the estimated peaks within `budget`, or why none can."""
     if budget.vram is not None and device != "cuda":
         raise ValueError("a VRAM budget needs a cuda plan")
+    settings = replace(settings, offloadable_blocks=offloadable_blocks(inventory))
     plan = estimate_memory(inventory, settings, device)
     if not budget.excess(plan):
         return Advice(device, (), True, f"fits: {_peaks(plan, budget)}")
@@ -135,12 +138,31 @@ def _half_weights(settings: PlanSettings, device: str) -> Iterator[Option]:
         yield {"model.dtype": "bfloat16"}, replace(settings, dtype="bfloat16")
 
 
+# Quantized bases to try from each mode, lightest loss first: fp8 (every algorithm) before nf4 (bitsandbytes,
+# LoRA/LoCon only); int8 weighs what fp8 weighs and runs slower, so it is never proposed.
+_LIGHTER = {"none": ("fp8", "nf4"), "fp8": ("nf4",), "int8": ("nf4",)}
+
+
 def _quantization(settings: PlanSettings, device: str) -> Iterator[Option]:
     if settings.sharded:  # FSDP cannot shard quantized weights
         return
-    for mode in ("int8", "nf4"):
-        if (settings.quantize, mode) in (("none", "int8"), ("none", "nf4"), ("int8", "nf4")):
-            yield {"model.quantize": mode}, replace(settings, quantize=mode)
+    bitsandbytes = get_algorithm(settings.adapter.type).quantized_base
+    for mode in _LIGHTER.get(settings.quantize, ()):
+        if mode in BITSANDBYTES_MODES and not bitsandbytes:
+            continue
+        yield {"model.quantize": mode}, replace(settings, quantize=mode)
+
+
+def _offload(settings: PlanSettings, device: str) -> Iterator[Option]:
+    """More of a DiT's blocks in pinned host memory, fewest first (each costs its copies' time, mostly hidden
+    behind computation); with gradient checkpointing, which offloading needs."""
+    if device != "cuda" or settings.sharded:
+        return
+    for count in range(settings.offload_blocks + 1, settings.offloadable_blocks + 1):
+        updates: dict[str, object] = {"train.offload_blocks": count}
+        if not settings.gradient_checkpointing:
+            updates["train.gradient_checkpointing"] = True
+        yield updates, replace(settings, offload_blocks=count, gradient_checkpointing=True)
 
 
 def _batch(settings: PlanSettings, device: str) -> Iterator[Option]:
@@ -167,6 +189,7 @@ _CANDIDATES: tuple[Callable[[PlanSettings, str], Iterator[Option]], ...] = (
     _autocast,
     _half_weights,
     _quantization,
+    _offload,
     _batch,
     _resolution,
 )

@@ -11,6 +11,7 @@ On "cuda" the device holds cache and train, and RAM peaks while loading. On "cpu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,9 @@ CPU_CHECKPOINT_FACTOR = 1.05
 CUDA_CONTEXT = 1434 * MiB
 CUDA_RUNTIME_RAM = CPU_RUNTIME + 1536 * MiB
 CUDA_ALLOCATOR_FACTOR = 1.15
+# Pinned host-to-device copies: about 25 GB/s on PCIe 4.0 x16 and 12 GB/s on PCIe 3.0 x16 (or 4.0 x8, as on
+# several consumer cards); the default is between them. `--plan --host-link GBPS` states the machine's.
+HOST_LINK_GBPS = 20.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class PlanSettings:
     images: int | None = None  # training images, when known: caching encodes up to CACHE_BATCH at once
     frames: int | None = None  # video clips of this many frames (`data.frames`), else images
     text_tokens: int | None = None  # `model.max_text_tokens`: a DiT's T5 token limit, else its default
+    offload_blocks: int = 0  # `train.offload_blocks`: the last N of a DiT's blocks wait in pinned host memory
+    offloadable_blocks: int = 0  # a DiT's repeated blocks (the advice may offload up to all of them; UNets: 0)
+    host_link_gbps: float = HOST_LINK_GBPS  # host-to-GPU bandwidth for the offloaded blocks' copies, GB/s
     processes: int = 1  # processes training together; every figure is per process
     sharded: bool = False  # FSDP over `processes` (`distributed.strategy: fsdp`)
     reshard_after_forward: bool = True
@@ -95,6 +102,7 @@ class PlanSettings:
             images=images,
             frames=preset.data.frames,
             text_tokens=preset.model.max_text_tokens,
+            offload_blocks=train.offload_blocks,
             processes=processes,
             sharded=preset.distributed.strategy == "fsdp" and processes > 1,
             reshard_after_forward=preset.distributed.reshard_after_forward,
@@ -124,6 +132,7 @@ class MemoryPlan:
     adapter_parameters: int
     adapted_layers: int
     notes: tuple[str, ...] = field(default=())
+    offloaded_bytes: int = 0  # frozen weights kept in pinned host memory (`train.offload_blocks`)
 
 
 def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: str = "cuda") -> MemoryPlan:
@@ -135,6 +144,11 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
     cache = _cache_phase(inventory, settings, facts, device)
     train = _train_phase(inventory, settings, facts, device)
     ram_phases = {"load": load} if device == "cuda" else {"load": load, "cache": cache, "train": train}
+    if device == "cuda" and facts.offloaded:  # the offloaded blocks stay in pinned RAM while training
+        ram_phases["train"] = (
+            Part("runtime (Python, torch, libraries)", CUDA_RUNTIME_RAM),
+            Part(f"offloaded blocks (pinned host memory, {len(facts.offloaded)} blocks)", sum(facts.offloaded)),
+        )
     device_phases = {"cache": cache, "train": train} if device == "cuda" else ram_phases
     device_phase = _largest(device_phases)
     ram_phase = _largest(ram_phases)
@@ -150,6 +164,7 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
         adapter_parameters=sum(facts.adapter_sizes),
         adapted_layers=facts.adapted_layers,
         notes=facts.notes,
+        offloaded_bytes=sum(facts.offloaded) if device == "cuda" else 0,
     )
 
 
@@ -162,6 +177,7 @@ class _Facts:
     adapter_sizes: tuple[int, ...]
     denoiser_adapter: int  # elements of the denoiser's share of `adapter_sizes` (FSDP shards it)
     largest_block: int  # elements of the denoiser's largest block (FSDP gathers blocks whole)
+    offloaded: tuple[int, ...]  # stored bytes of each offloaded block's frozen weights
     adapted_layers: int
     activations: Activations
     text_activations: float  # per sample, when the text encoder's adapter trains
@@ -181,6 +197,11 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     blocks = model.blocks(layers)
     weights = inventory.components[denoiser]
     largest_block = max((sum(w.numel for w in weights if w.name.startswith(f"{b}.")) for b in blocks), default=0)
+    away = blocks[len(blocks) - settings.offload_blocks :] if settings.offload_blocks else []
+    linear = set(layers) if settings.quantize != "none" else set()
+    offloaded = tuple(
+        round(sum(_stored(w, settings, linear) for w in weights if w.name.startswith(f"{b}."))) for b in away
+    )
     adapted = len(targets)
     query = DenoiserQuery(
         layers=layers,
@@ -205,6 +226,14 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     notes = ("previews (inference and VAE decoding at sample time) are not counted",) if settings.keep_encoders else ()
     if settings.processes > 1:
         notes += (f"figures are per process: {settings.processes} processes on one machine need that RAM each",)
+    if settings.offload_blocks:
+        moved = 2 * sum(offloaded)  # each block's copy goes over twice: forward, and recomputation in backward
+        seconds = moved / (settings.host_link_gbps * 1e9)
+        notes += (
+            f"offloading {len(offloaded)} blocks copies {moved / GiB:.1f} GiB to the GPU per micro-batch: "
+            f"{seconds:.2f} s at {settings.host_link_gbps:g} GB/s (--host-link), overlapped with computation "
+            "except for the first block of each pass",
+        )
     activations = model.denoiser(query)
     return _Facts(
         architecture,
@@ -212,6 +241,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
         tuple(sizes),
         denoiser_adapter,
         largest_block,
+        offloaded,
         adapted,
         activations,
         text_activations,
@@ -243,7 +273,7 @@ def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     for name in inventory.components:
         if name == denoiser and (device == "cuda" or _mapped(inventory, settings, facts, name)):
             continue  # it waits in RAM until training (and, memory-mapped on the CPU, is not read before)
-        parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name, device)))
+        parts.append(_held_weights(inventory, settings, facts, name, device))
     parts.append(Part("adapter", 4 * sum(facts.adapter_sizes)))
     if settings.cache_latents:
         chunk = min(CACHE_BATCH, settings.images or CACHE_BATCH)
@@ -262,8 +292,14 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     for name in inventory.components:
         if settings.sharded and name == facts.architecture.denoiser_name:
             parts += _sharded_weights(inventory, settings, facts, name, device)
+        elif facts.offloaded and name == facts.architecture.denoiser_name and device == "cuda":
+            full = _weight_bytes(inventory, settings, facts, name, device)
+            parts.append(Part(f"weights: {name} (without {len(facts.offloaded)} offloaded blocks)",
+                              full - sum(facts.offloaded)))  # fmt: skip
+            at_once = sum(sorted(facts.offloaded)[-2:])  # the two largest: one running, one prefetched
+            parts.append(Part("offloaded blocks on the GPU at once (2: running, prefetched)", at_once))
         elif name not in released:
-            parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name, device)))
+            parts.append(_held_weights(inventory, settings, facts, name, device))
     adapter = sum(facts.adapter_sizes)
     # FSDP splits the denoiser's adapter, its gradients and optimizer state; a text encoder's stays whole.
     share = (adapter - facts.denoiser_adapter * (1 - 1 / settings.processes)) / adapter if settings.sharded else 1
@@ -286,6 +322,27 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     if device == "cpu":
         return (*parts, activation, encoding)
     return (*parts, max(activation, encoding, key=lambda part: part.bytes))
+
+
+_BLOCK = re.compile(r"^(.*?\.(?:block|blocks|layers)\.\d+)\.")
+
+
+def _held_weights(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
+    """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks
+    (T5's `encoder.block.N`, CLIP's `encoder.layers.N`): all but its two largest stay on the host."""
+    full = _weight_bytes(inventory, settings, facts, name, device)
+    streamed = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
+    if not streamed:
+        return Part(f"weights: {name}", full)
+    blocks: dict[str, float] = {}
+    for weight in inventory.components[name]:
+        match = _BLOCK.match(weight.name)
+        if match:
+            blocks[match.group(1)] = blocks.get(match.group(1), 0.0) + _stored(weight, settings, set())
+    if len(blocks) < 3:
+        return Part(f"weights: {name}", full)
+    resident = full - sum(blocks.values()) + sum(sorted(blocks.values())[-2:])
+    return Part(f"weights: {name} (blocks streamed, 2 of {len(blocks)} at once)", round(resident))
 
 
 def _sharded_weights(
@@ -325,7 +382,6 @@ def _weight_bytes(
 ) -> int:
     """Bytes a component's weights occupy once loaded; on the CPU a memory-mapped VAE keeps only its encoder
     resident (the decoder is never read while training)."""
-    store = TORCH_DTYPE_BYTES[settings.dtype]
     quantized = quantize and settings.quantize != "none" and component == facts.architecture.denoiser_name
     linear = set(adaptable_layers(inventory.layer_shapes(component))) if quantized else set()
     encoder_only = device == "cpu" and component == "vae" and _mapped(inventory, settings, facts, component)
@@ -333,14 +389,18 @@ def _weight_bytes(
     for weight in inventory.components[component]:
         if encoder_only and not weight.name.startswith(("encoder.", "quant_conv.")):
             continue
-        module = weight.name.removesuffix(".weight")
-        if module in linear and len(weight.shape) == 2:
-            total += stored_bytes(settings.quantize, weight.shape)
-        elif weight.dtype in ("F32", "F16", "BF16", "F64"):
-            total += weight.numel * store
-        else:
-            total += weight.numel * DTYPE_BYTES.get(weight.dtype, 4)
+        total += _stored(weight, settings, linear)
     return round(total)
+
+
+def _stored(weight, settings: PlanSettings, quantized_layers: set[str]) -> float:
+    """Bytes one stored weight takes once loaded: quantized if its layer is, else in `model.dtype` (floating
+    point) or as stored."""
+    if weight.name.removesuffix(".weight") in quantized_layers and len(weight.shape) == 2:
+        return stored_bytes(settings.quantize, weight.shape)
+    if weight.dtype in ("F32", "F16", "BF16", "F64"):
+        return weight.numel * TORCH_DTYPE_BYTES[settings.dtype]
+    return weight.numel * DTYPE_BYTES.get(weight.dtype, 4)
 
 
 def _optimizer_bytes(optimizer: str, sizes: tuple[int, ...]) -> int:
@@ -445,6 +505,15 @@ def _total(parts: tuple[Part, ...]) -> int:
 
 def _largest(phases: dict[str, tuple[Part, ...]]) -> str:
     return max(phases, key=lambda name: _total(phases[name]))
+
+
+def offloadable_blocks(inventory: BaseInventory) -> int:
+    """How many blocks `train.offload_blocks` can take on this base: a DiT's repeated blocks; none of a UNet's."""
+    architecture = _architecture(inventory)
+    if architecture.denoiser_name != "transformer":
+        return 0
+    layers = adaptable_layers(inventory.layer_shapes(architecture.denoiser_name))
+    return len(ACTIVATION_MODELS[architecture.name].blocks(layers))
 
 
 def plan_preset(preset: Preset, device: str = "cuda", images: int | None = None) -> MemoryPlan:

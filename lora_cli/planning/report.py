@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lora_cli.config.schema import fsdp_conflict
@@ -16,11 +17,19 @@ if TYPE_CHECKING:
 
 
 def plan_report(
-    preset: Preset, vram: int | None = None, ram: int | None = None, images: int | None = None, processes: int = 1
+    preset: Preset,
+    vram: int | None = None,
+    ram: int | None = None,
+    images: int | None = None,
+    processes: int = 1,
+    host_link_gbps: float | None = None,
 ) -> str:
     """What `lora-train --plan` prints: the GPU plan, the CPU-only RAM peak, and with budgets the changes
-    that make the GPU run fit; per process when `processes` train together."""
+    that make the GPU run fit; per process when `processes` train together. `host_link_gbps` is the host-to-GPU
+    bandwidth offloaded blocks are copied at (default: `HOST_LINK_GBPS`)."""
     settings = PlanSettings.from_preset(preset, images, processes)
+    if host_link_gbps is not None:
+        settings = replace(settings, host_link_gbps=host_link_gbps)
     conflict = fsdp_conflict(settings.quantize, settings.mixed_precision, settings.optimizer)
     if settings.sharded and conflict:  # the run would be refused: no figures for it
         raise PresetError(conflict)

@@ -73,6 +73,8 @@ def train(
 
     session = build_session(preset, paths, base, adapter, data, accelerator)
     session.phases = {"loading the base": loaded - loading, "setup and caching": time.perf_counter() - loaded}
+    if "offload" in base.pipeline_extras:
+        console.print(base.pipeline_extras["offload"], highlight=False)
     if session.sharded and session.accelerator.is_main_process:
         console.print(sharding_summary(session.base.denoiser, session.accelerator.num_processes), highlight=False)
     if resuming:

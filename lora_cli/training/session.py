@@ -19,6 +19,7 @@ from lora_cli.errors import DatasetError, PresetError
 from lora_cli.models import LoadedBase, load_base
 from lora_cli.training.data import TrainingData, epoch_batches
 from lora_cli.training.encoders import BatchEncoder
+from lora_cli.training.offload import offload_denoiser, offload_summary, stream_text_encoders
 from lora_cli.training.optim import build_optimizer, build_scheduler
 from lora_cli.training.outputs import RunPaths
 from lora_cli.training.prior import prior_items
@@ -206,6 +207,8 @@ def build_session(
     train = preset.train
     accelerator = accelerator or create_accelerator(preset)
     device = accelerator.device
+    if train.offload_blocks:  # the text encoders stream block by block too (before they move to the device)
+        stream_text_encoders(base, device)
     for module in (base.vae, *base.text_encoders.values()):
         module.to(device)
     if train.gradient_checkpointing:
@@ -221,6 +224,9 @@ def build_session(
     # replaces them. Text encoders stay plain modules on the device; their adapter's gradients are averaged
     # by the loop.
     sharded = wants_sharding(preset, accelerator)
+    if train.offload_blocks:  # before the denoiser moves to the device: offloaded weights never go there whole
+        offloader = offload_denoiser(base, train.offload_blocks, device)
+        base.pipeline_extras["offload"] = offload_summary(offloader, len(base.architecture.blocks(base.denoiser)))
     if sharded:
         shard_denoiser(base, preset.distributed.reshard_after_forward, device, accelerator.num_processes)
         denoiser = base.denoiser

@@ -44,6 +44,8 @@ def wants_sharding(preset: Preset, accelerator: Any) -> bool:
     conflict = fsdp_conflict(preset.model.quantize, preset.train.mixed_precision, preset.train.optimizer)
     if conflict:
         raise PresetError(conflict)
+    if preset.train.offload_blocks:
+        raise PresetError("train.offload_blocks cannot offload FSDP shards; set it to 0 or launch without FSDP")
     return True
 
 

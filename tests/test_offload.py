@@ -1,0 +1,179 @@
+"""Block offloading (`train.offload_blocks`): the same training as with every block resident, the weights away
+from the device except while their block runs, and refusals where it cannot work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lora_cli.training.offload import BlockOffloader
+from tests.conftest import run_command
+
+
+class Checkpointed(nn.Module):
+    """Blocks run under gradient checkpointing, as a DiT runs its blocks when it is on."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def test_offloaded_weights_are_present_only_while_their_block_runs() -> None:
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)) for _ in range(4))
+    adapters = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4))  # trainable, like an adapter
+    for block, adapter in zip(blocks, adapters, strict=True):
+        block.requires_grad_(False)
+        block[0].register_forward_hook(lambda _m, args, out, a=adapter: out + a(args[0]))
+    resident = Checkpointed(blocks)
+    inputs = torch.randn(3, 16)
+    resident(inputs).square().sum().backward()
+    expected = [adapter.weight.grad.clone() for adapter in adapters]
+    adapters.zero_grad()
+
+    offloader = BlockOffloader(list(blocks[2:]), torch.device("cpu"))
+    seen = []
+    for index, block in enumerate(blocks[2:]):  # its first layer runs while the block does
+        block[0].register_forward_pre_hook(lambda *_, i=index: seen.append((i, offloader.on_device(i))))
+    assert not offloader.on_device(0) and blocks[2][0].weight.numel() == 0  # away until the block runs
+    assert offloader.host_bytes == 2 * (2 * 16 * 16 + 2 * 16) * 4
+    Checkpointed(blocks)(inputs).square().sum().backward()
+    # forward, then the recomputation in backward, in reverse
+    assert seen == [(0, True), (1, True), (1, True), (0, True)]
+    assert not offloader.on_device(1)  # back on the host; the last one used waits for the next forward pass
+    Checkpointed(blocks)(inputs)
+    assert not offloader.on_device(0) and not offloader.on_device(1)
+    for adapter, grad in zip(adapters, expected, strict=True):
+        torch.testing.assert_close(adapter.weight.grad, grad, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_base) -> Path:
+    return tiny_base("flux")
+
+
+def preset_sections(flux: Path, out: Path, offload: int, quantize: str = "none") -> dict:
+    return {
+        "model": {"path": str(flux), "max_text_tokens": 16, "quantize": quantize},
+        "train": {"steps": 4, "learning_rate": "1e-2", "batch_size": 2, "gradient_checkpointing": True,
+                  "offload_blocks": offload},
+        "sample": {"prompts": ["a yellow star"], "every": 2, "steps": 2},
+        "output": {"dir": str(out), "save_every": 2},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_an_offloaded_run_trains_exactly_as_a_resident_one(quantize, flux, write_preset, tmp_path: Path) -> None:
+    """Same losses and adapter with 2 blocks offloaded (previews and checkpoints on), and a run resumed from its
+    step-2 checkpoint ends with the same adapter."""
+    import json
+
+    runs = {}
+    for offload in (0, 2):
+        out = tmp_path / f"offload-{offload}"
+        preset = write_preset(f"p{offload}.yaml", **preset_sections(flux, out, offload, quantize))
+        result = run_command("train", str(preset), "--no-progress")
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[offload] = (losses, load_file(str(next(out.glob("*.safetensors")))), result.stdout + result.stderr)
+    assert "offloading 2 of" in runs[2][2] and "offloading" not in runs[0][2]
+    assert runs[0][0] == runs[2][0]
+    for key, value in runs[0][1].items():
+        assert torch.equal(value, runs[2][1][key]), key
+    resumed = tmp_path / "resumed"
+    preset = write_preset("resume.yaml", **preset_sections(flux, resumed, 2, quantize))
+    checkpoint_dir = tmp_path / "offload-2" / "checkpoints" / "step-000002"
+    result = run_command("train", str(preset), "--no-progress", "--resume-from", str(checkpoint_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = load_file(str(next(resumed.glob("*.safetensors"))))
+    for key, value in runs[2][1].items():
+        assert torch.equal(value, final[key]), key
+
+
+@pytest.mark.parametrize(
+    ("train", "extra", "message"),
+    [
+        ({"offload_blocks": 1}, {}, "needs `train.gradient_checkpointing: true`"),
+        ({"offload_blocks": 1, "gradient_checkpointing": True, "compile": True}, {}, "do not mix"),
+        ({"offload_blocks": 1, "gradient_checkpointing": True}, {"distributed": {"strategy": "fsdp"}},
+         "cannot offload FSDP shards"),
+        ({"offload_blocks": 99, "gradient_checkpointing": True}, {}, "has 2 blocks"),
+    ],
+)  # fmt: skip
+def test_offloading_is_refused_where_it_cannot_work(train, extra, message, flux, write_preset) -> None:
+    preset = write_preset(model={"path": str(flux), "max_text_tokens": 16}, train=train, **extra)
+    result = run_command("train", str(preset), "--no-progress")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and message in lines[-1], result.stderr[-1000:]
+
+
+def test_a_unet_is_refused_in_one_line(write_preset) -> None:
+    result = run_command("train", str(write_preset(train={"offload_blocks": 1, "gradient_checkpointing": True})))
+    assert result.returncode == 2 and "offloading covers DiT bases" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def deep_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lora_cli.toy.tiny_dits import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "deep-flux", seed=0, blocks=(2, 4))
+
+
+def test_the_planner_counts_what_offloading_moves(deep_flux: Path) -> None:
+    """The bytes the planner takes off the GPU are the bytes the offloader holds on the host (fp8 too); the GPU
+    keeps two blocks at once; the copies' time follows from the stated bandwidth."""
+    from dataclasses import replace
+
+    from lora_cli.config.schema import AdapterSection, ModelSection
+    from lora_cli.models import load_base
+    from lora_cli.planning import PlanSettings, estimate_memory, read_inventory
+    from lora_cli.training.offload import offload_denoiser
+
+    inventory = read_inventory(ModelSection(path=str(deep_flux)))
+    for quantize in ("none", "fp8"):
+        start = PlanSettings(adapter=AdapterSection(), resolution=64, gradient_checkpointing=True, quantize=quantize)
+        resident = estimate_memory(inventory, start)
+        offloaded = estimate_memory(inventory, replace(start, offload_blocks=4, host_link_gbps=10.0))
+        pinned = offloaded.offloaded_bytes
+        base = load_base(ModelSection(path=str(deep_flux), quantize=quantize))
+        held = offload_denoiser(base, 4, torch.device("cpu"))
+        assert pinned == pytest.approx(held.host_bytes, rel=0.01)
+        on_gpu = {part.name: part.bytes for part in offloaded.device_parts}
+        weights = {part.name: part.bytes for part in resident.device_parts}["weights: transformer"]
+        assert on_gpu["weights: transformer (without 4 offloaded blocks)"] == weights - pinned
+        assert 0 < on_gpu["offloaded blocks on the GPU at once (2: running, prefetched)"] < pinned
+        note = next(note for note in offloaded.notes if note.startswith("offloading 4 blocks"))
+        assert f"{2 * pinned / 10e9:.2f} s at 10 GB/s" in note
+    # The advice's offloading options: fewest blocks first, with checkpointing; none on the CPU or under FSDP.
+    from lora_cli.planning.advice import _offload
+
+    settings = PlanSettings(adapter=AdapterSection(), offloadable_blocks=6, offload_blocks=1)
+    options = [updates for updates, _ in _offload(settings, "cuda")]
+    assert options == [{"train.offload_blocks": n, "train.gradient_checkpointing": True} for n in range(2, 7)]
+    assert not list(_offload(settings, "cpu")) and not list(_offload(replace(settings, sharded=True), "cuda"))
+
+
+def test_flux_dev_headers_plan_to_8_gib_with_nf4_and_offloading(tmp_path: Path, shapes_data: Path) -> None:
+    """FLUX.1-dev's real shapes (headers only, sparse files): at 512 px, rank 16, batch 1 the advice for 8 GiB is
+    nf4 plus offloaded blocks, T5-XXL streaming while it encodes the captions."""
+    from benchmarks.shaped_headers import flux_dev
+    from lora_cli.config import load_preset
+    from lora_cli.planning import plan_report
+
+    base = flux_dev(tmp_path / "flux-dev")
+    overrides = [f"model.path={base}", f"data.folder={shapes_data}", "data.resolution=512", "model.quantize=none"]
+    preset = Path(__file__).resolve().parents[1] / "presets" / "flux-nf4.yaml"
+    report = plan_report(load_preset(preset, overrides), vram=8 * 2**30)
+    advice = report.splitlines()[-3:]
+    assert advice[0].startswith("1. model.quantize: nf4") and advice[1].startswith("2. train.offload_blocks: ")
+    assert advice[2].startswith("fits with 2 change(s)")
