@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from lora_cli.adapters.registry import get_algorithm
 from lora_cli.config.schema import fsdp_conflict
 from lora_cli.models.quantize import BITSANDBYTES_MODES
-from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory, offloadable_blocks
+from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory
 from lora_cli.planning.inventory import BaseInventory
 from lora_cli.units import format_size
 
@@ -64,8 +64,8 @@ def advise(inventory: BaseInventory, settings: PlanSettings, budget: Budget, dev
     """Changes, in order, that bring the estimated peaks within `budget`, or why none can."""
     if budget.vram is not None and device != "cuda":
         raise ValueError("a VRAM budget needs a cuda plan")
-    settings = replace(settings, offloadable_blocks=offloadable_blocks(inventory))
     plan = estimate_memory(inventory, settings, device)
+    settings = replace(settings, offloadable_blocks=plan.offloadable_blocks)
     if not budget.excess(plan):
         return Advice(device, (), True, f"fits: {_peaks(plan, budget)}")
     changes: list[Change] = []

@@ -11,7 +11,6 @@ On "cuda" the device holds cache and train, and RAM peaks while loading. On "cpu
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,8 @@ from lora_cli.errors import ModelLoadError
 from lora_cli.models.quantize import stored_bytes
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
-from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory
+from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory, Weight
+from lora_cli.planning.offload import HOST_LINK_GBPS, at_once, copy_note, offloaded_block_bytes, streamed_bytes
 from lora_cli.planning.transformer_activations import DIT_MODELS
 from lora_cli.training.encoders import CACHE_BATCH
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 ACTIVATION_MODELS: dict[str, ActivationModel] = {**UNET_MODELS, **DIT_MODELS}  # by `Architecture.name`
 DEVICES = ("cuda", "cpu")
-GiB, MiB = 2**30, 2**20
+MiB = 2**20
 
 # Measured on this project's 2-core CPU machine (docs/memory-planner.md): RSS of Python, torch, diffusers,
 # transformers, peft and accelerate with the trainer imported, plus first-step kernels and buffers.
@@ -50,9 +50,6 @@ CPU_CHECKPOINT_FACTOR = 1.05
 CUDA_CONTEXT = 1434 * MiB
 CUDA_RUNTIME_RAM = CPU_RUNTIME + 1536 * MiB
 CUDA_ALLOCATOR_FACTOR = 1.15
-# Pinned host-to-device copies: about 25 GB/s on PCIe 4.0 x16 and 12 GB/s on PCIe 3.0 x16 (or 4.0 x8, as on
-# several consumer cards); the default is between them. `--plan --host-link GBPS` states the machine's.
-HOST_LINK_GBPS = 20.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +130,7 @@ class MemoryPlan:
     adapted_layers: int
     notes: tuple[str, ...] = field(default=())
     offloaded_bytes: int = 0  # frozen weights kept in pinned host memory (`train.offload_blocks`)
+    offloadable_blocks: int = 0  # a DiT's repeated blocks, which `train.offload_blocks` can take; a UNet's: 0
 
 
 def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: str = "cuda") -> MemoryPlan:
@@ -165,6 +163,7 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
         adapted_layers=facts.adapted_layers,
         notes=facts.notes,
         offloaded_bytes=sum(facts.offloaded) if device == "cuda" else 0,
+        offloadable_blocks=len(facts.blocks) if facts.architecture.denoiser_name == "transformer" else 0,
     )
 
 
@@ -177,6 +176,7 @@ class _Facts:
     adapter_sizes: tuple[int, ...]
     denoiser_adapter: int  # elements of the denoiser's share of `adapter_sizes` (FSDP shards it)
     largest_block: int  # elements of the denoiser's largest block (FSDP gathers blocks whole)
+    blocks: list[str]  # the denoiser's repeated blocks in execution order
     offloaded: tuple[int, ...]  # stored bytes of each offloaded block's frozen weights
     adapted_layers: int
     activations: Activations
@@ -197,11 +197,8 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     blocks = model.blocks(layers)
     weights = inventory.components[denoiser]
     largest_block = max((sum(w.numel for w in weights if w.name.startswith(f"{b}.")) for b in blocks), default=0)
-    away = blocks[len(blocks) - settings.offload_blocks :] if settings.offload_blocks else []
     linear = set(layers) if settings.quantize != "none" else set()
-    offloaded = tuple(
-        round(sum(_stored(w, settings, linear) for w in weights if w.name.startswith(f"{b}."))) for b in away
-    )
+    offloaded = offloaded_block_bytes(weights, blocks, settings.offload_blocks, lambda w: _stored(w, settings, linear))
     adapted = len(targets)
     query = DenoiserQuery(
         layers=layers,
@@ -227,13 +224,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     if settings.processes > 1:
         notes += (f"figures are per process: {settings.processes} processes on one machine need that RAM each",)
     if settings.offload_blocks:
-        moved = 2 * sum(offloaded)  # each block's copy goes over twice: forward, and recomputation in backward
-        seconds = moved / (settings.host_link_gbps * 1e9)
-        notes += (
-            f"offloading {len(offloaded)} blocks copies {moved / GiB:.1f} GiB to the GPU per micro-batch: "
-            f"{seconds:.2f} s at {settings.host_link_gbps:g} GB/s (--host-link), overlapped with computation "
-            "except for the first block of each pass",
-        )
+        notes += (copy_note(offloaded, settings.host_link_gbps),)
     activations = model.denoiser(query)
     return _Facts(
         architecture,
@@ -241,6 +232,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
         tuple(sizes),
         denoiser_adapter,
         largest_block,
+        blocks,
         offloaded,
         adapted,
         activations,
@@ -296,8 +288,7 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
             full = _weight_bytes(inventory, settings, facts, name, device)
             parts.append(Part(f"weights: {name} (without {len(facts.offloaded)} offloaded blocks)",
                               full - sum(facts.offloaded)))  # fmt: skip
-            at_once = sum(sorted(facts.offloaded)[-2:])  # the two largest: one running, one prefetched
-            parts.append(Part("offloaded blocks on the GPU at once (2: running, prefetched)", at_once))
+            parts.append(Part("offloaded blocks on the GPU at once (2: running, prefetched)", at_once(facts.offloaded)))
         elif name not in released:
             parts.append(_held_weights(inventory, settings, facts, name, device))
     adapter = sum(facts.adapter_sizes)
@@ -324,25 +315,15 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     return (*parts, max(activation, encoding, key=lambda part: part.bytes))
 
 
-_BLOCK = re.compile(r"^(.*?\.(?:block|blocks|layers)\.\d+)\.")
-
-
 def _held_weights(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
-    """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks
-    (T5's `encoder.block.N`, CLIP's `encoder.layers.N`): all but its two largest stay on the host."""
+    """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks."""
     full = _weight_bytes(inventory, settings, facts, name, device)
     streamed = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
-    if not streamed:
+    found = streamed and streamed_bytes(inventory.components[name], full, lambda w: _stored(w, settings, set()))
+    if not found:
         return Part(f"weights: {name}", full)
-    blocks: dict[str, float] = {}
-    for weight in inventory.components[name]:
-        match = _BLOCK.match(weight.name)
-        if match:
-            blocks[match.group(1)] = blocks.get(match.group(1), 0.0) + _stored(weight, settings, set())
-    if len(blocks) < 3:
-        return Part(f"weights: {name}", full)
-    resident = full - sum(blocks.values()) + sum(sorted(blocks.values())[-2:])
-    return Part(f"weights: {name} (blocks streamed, 2 of {len(blocks)} at once)", round(resident))
+    resident, blocks = found
+    return Part(f"weights: {name} (blocks streamed, 2 of {blocks} at once)", resident)
 
 
 def _sharded_weights(
@@ -393,7 +374,7 @@ def _weight_bytes(
     return round(total)
 
 
-def _stored(weight, settings: PlanSettings, quantized_layers: set[str]) -> float:
+def _stored(weight: Weight, settings: PlanSettings, quantized_layers: set[str]) -> float:
     """Bytes one stored weight takes once loaded: quantized if its layer is, else in `model.dtype` (floating
     point) or as stored."""
     if weight.name.removesuffix(".weight") in quantized_layers and len(weight.shape) == 2:
@@ -505,15 +486,6 @@ def _total(parts: tuple[Part, ...]) -> int:
 
 def _largest(phases: dict[str, tuple[Part, ...]]) -> str:
     return max(phases, key=lambda name: _total(phases[name]))
-
-
-def offloadable_blocks(inventory: BaseInventory) -> int:
-    """How many blocks `train.offload_blocks` can take on this base: a DiT's repeated blocks; none of a UNet's."""
-    architecture = _architecture(inventory)
-    if architecture.denoiser_name != "transformer":
-        return 0
-    layers = adaptable_layers(inventory.layer_shapes(architecture.denoiser_name))
-    return len(ACTIVATION_MODELS[architecture.name].blocks(layers))
 
 
 def plan_preset(preset: Preset, device: str = "cuda", images: int | None = None) -> MemoryPlan:
