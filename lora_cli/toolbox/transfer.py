@@ -123,7 +123,7 @@ def carry(delta: torch.Tensor, source_weight: torch.Tensor, target_weight: torch
 @dataclass(frozen=True)
 class _Layer:
     key: ModuleKey
-    similarity: LayerSimilarity
+    measured: LayerSimilarity
     carried: torch.Tensor
 
 
@@ -142,7 +142,7 @@ def _compare(
             report.reshaped.append(name)
             continue
         source_weight, target_weight = (base.read_weight(key).to(device, torch.float32) for base in (source, target))
-        named = {name: value.to(device) for name, value in named.items()}
+        named = {tensor: value.to(device) for tensor, value in named.items()}
         delta = merged_weight(source_weight, named) - source_weight
         similarity, carried = carry(delta, source_weight, target_weight, energy, method)
         change = float((carried - delta).norm() / delta.norm().clamp_min(torch.finfo(torch.float32).tiny))
@@ -190,11 +190,11 @@ def transfer(
     result: AdapterTensors = {}
     with _opened(adapter, source, target) as (file, before, after):
         for layer in _compare(file, before, after, energy, method, report):
-            if layer.similarity.similarity < threshold:
+            if layer.measured.similarity < threshold:
                 continue
             kept_rank = rank if rank is not None or rank_energy is not None else layer_rank(file.tensors[layer.key])
             result[layer.key], _ = low_rank(layer.carried, kept_rank, rank_energy)
-            report.written[layer.similarity.module] = int(result[layer.key]["alpha"])
+            report.written[layer.measured.module] = int(result[layer.key]["alpha"])
         if not result:
             highest = max((layer.similarity for layer in report.layers), default=0.0)
             raise AdapterError(
