@@ -62,6 +62,14 @@ def flux(tiny_base) -> Path:
     return tiny_base("flux")
 
 
+@pytest.fixture(scope="module")
+def wide_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64-wide layers: what 4-bit quantization takes."""
+    from lora_cli.toy.tiny_dits import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "wide-flux", seed=0, heads=4)
+
+
 def preset_sections(flux: Path, out: Path, offload: int, quantize: str = "none") -> dict:
     return {
         "model": {"path": str(flux), "max_text_tokens": 16, "quantize": quantize},
@@ -72,12 +80,13 @@ def preset_sections(flux: Path, out: Path, offload: int, quantize: str = "none")
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("quantize", ["none", "fp8"])
-def test_an_offloaded_run_trains_exactly_as_a_resident_one(quantize, flux, write_preset, tmp_path: Path) -> None:
-    """Same losses and adapter with 2 blocks offloaded (previews and checkpoints on), and a run resumed from its
-    step-2 checkpoint ends with the same adapter."""
+@pytest.mark.parametrize("quantize", ["none", "fp8", "nf4"])
+def test_an_offloaded_run_trains_exactly_as_a_resident_one(quantize, request, write_preset, tmp_path: Path) -> None:
+    """Same losses and adapter with 2 blocks offloaded (previews and checkpoints on; quantized bases move their
+    stored bytes), and a run resumed from its step-2 checkpoint ends with the same adapter."""
     import json
 
+    flux = request.getfixturevalue("wide_flux" if quantize == "nf4" else "flux")
     runs = {}
     for offload in (0, 2):
         out = tmp_path / f"offload-{offload}"
