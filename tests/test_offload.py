@@ -186,3 +186,21 @@ def test_flux_dev_headers_plan_to_8_gib_with_nf4_and_offloading(tmp_path: Path, 
     advice = report.splitlines()[-3:]
     assert advice[0].startswith("1. model.quantize: nf4") and advice[1].startswith("2. train.offload_blocks: ")
     assert advice[2].startswith("fits with 2 change(s)")
+
+
+def test_prior_images_are_drawn_with_the_blocks_offloaded(flux: Path, write_preset, tmp_path: Path) -> None:
+    """Prior images are drawn before training with the same offloading (the whole denoiser never moves at once)
+    and equal the ones a resident run draws; the run then trains as the resident one does."""
+    drawn = {}
+    for offload in (0, 2):
+        out = tmp_path / f"prior-{offload}"
+        sections = preset_sections(flux, out, offload)
+        sections["prior"] = {"prompts": ["a red circle"], "images_per_prompt": 2, "steps": 2}
+        sections["train"]["steps"] = 2
+        result = run_command("train", str(write_preset(f"prior{offload}.yaml", **sections)), "--no-progress")
+        assert result.returncode == 0, result.stderr[-2000:]
+        images = sorted(out.glob("prior/*/prior_*.png"))
+        drawn[offload] = ([image.read_bytes() for image in images], load_file(str(next(out.glob("*.safetensors")))))
+    assert len(drawn[0][0]) == 2 and drawn[0][0] == drawn[2][0]
+    for key, value in drawn[0][1].items():
+        assert torch.equal(value, drawn[2][1][key]), key

@@ -14,6 +14,8 @@ The text encoders' blocks stream the same way while they encode (`stream_text_en
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,7 @@ class BlockOffloader:
     _loaded: set[int] = field(default_factory=set)
     _last: int | None = None
     _stream: torch.cuda.Stream | None = None
+    _hooks: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         pinned = self.device.type == "cuda"
@@ -52,8 +55,10 @@ class BlockOffloader:
             frozen = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
             held = [(tensor, _host_copy(tensor, pinned)) for tensor in frozen]
             self._held.append(_Block(module, held))
-            module.register_forward_pre_hook(lambda _module, _args, i=index: self._load(i))
-            module.register_forward_hook(lambda _module, _args, _output, i=index: self._unload(i))
+            self._hooks += [
+                module.register_forward_pre_hook(lambda _module, _args, i=index: self._load(i)),
+                module.register_forward_hook(lambda _module, _args, _output, i=index: self._unload(i)),
+            ]
             self._unload(index)
 
     @property
@@ -63,6 +68,15 @@ class BlockOffloader:
     def on_device(self, index: int) -> bool:
         """Whether block `index`'s frozen weights are on the device now."""
         return all(tensor.numel() == copy.numel() for tensor, copy in self._held[index].tensors)
+
+    def close(self) -> None:
+        """Stop offloading: the hooks go and every tensor holds its host copy again (on the host)."""
+        for hook in self._hooks:
+            hook.remove()
+        for block in self._held:
+            for tensor, copy in block.tensors:
+                tensor.data = copy
+        self._hooks, self._staged, self._loaded = [], {}, set()
 
     def _load(self, index: int) -> None:
         for other in self._loaded - {index}:
@@ -140,6 +154,18 @@ def stream_text_encoders(base: LoadedBase, device: torch.device) -> list[BlockOf
     most two of their blocks are on the device, which is what makes T5-XXL's 9 GiB fit a small GPU. A text
     encoder that trains keeps its copies until backward (no checkpointing there), so it saves nothing."""
     return [BlockOffloader(blocks, device) for blocks in map(repeated_blocks, base.text_encoders.values()) if blocks]
+
+
+@contextmanager
+def offloaded_while_drawing(base: LoadedBase, count: int, device: torch.device) -> Iterator[None]:
+    """The denoiser's last `count` blocks and the text encoders' blocks offloaded for a drawing (prior images
+    before training starts), then back on the host whole, ready for the session's own offloading."""
+    offloaders = [offload_denoiser(base, count, device), *stream_text_encoders(base, device)]
+    try:
+        yield
+    finally:
+        for offloader in offloaders:
+            offloader.close()
 
 
 def offload_summary(offloader: BlockOffloader, total_blocks: int) -> str:

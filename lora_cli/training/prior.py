@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,24 +61,27 @@ def generated_folder(preset: Preset, base: LoadedBase, run_root: Path) -> Path:
 
 def _generate(preset: Preset, base: LoadedBase, folder: Path, accelerator: Any) -> None:
     from lora_cli.sampling import generate_images
+    from lora_cli.training.offload import offloaded_while_drawing
 
     prior = preset.prior
     prompts = [prompt for prompt in prior.prompts for _ in range(prior.images_per_prompt)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if accelerator is not None:  # draw on the GPU; training moves the modules there next anyway
-        for module in (base.denoiser, base.vae, *base.text_encoders.values()):
-            module.to(accelerator.device)
     mine = list(range(rank, len(prompts), world))  # image i is drawn from seed prior.seed + i on any process
-    images = generate_images(
-        base.architecture.build_pipeline(base),
-        [prompts[i] for i in mine],
-        [prior.seed + i for i in mine],
-        prior.steps,
-        prior.guidance_scale,
-        "",
-        preset.data.resolution,
-        text_tokens=base.pipeline_extras.get("text_tokens"),
-    )
+    offload = preset.train.offload_blocks if accelerator is not None else 0
+    with offloaded_while_drawing(base, offload, accelerator.device) if offload else nullcontext():
+        if accelerator is not None:  # draw on the GPU; training moves the modules there next anyway
+            for module in (base.denoiser, base.vae, *base.text_encoders.values()):
+                module.to(accelerator.device)
+        images = generate_images(
+            base.architecture.build_pipeline(base),
+            [prompts[i] for i in mine],
+            [prior.seed + i for i in mine],
+            prior.steps,
+            prior.guidance_scale,
+            "",
+            preset.data.resolution,
+            text_tokens=base.pipeline_extras.get("text_tokens"),
+        )
     drawn = [(index, _png(image)) for index, image in zip(mine, images, strict=True)]
     if accelerator is not None and world > 1:
         from accelerate.utils import gather_object
