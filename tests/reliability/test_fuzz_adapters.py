@@ -85,6 +85,7 @@ def commands(adapter: Path, base: Path, out: Path) -> dict[str, tuple]:
         "convert": ("convert", str(adapter), str(out), "--to", "diffusers", "--base", str(base)),
         "merge": ("merge", str(base), str(adapter), str(out)),
         "resize": ("lowrank", str(adapter), str(out), "--rank", "2", "--base", str(base)),
+        "transfer": ("transfer", str(adapter), str(out), "--from", str(base), "--to", str(base)),
         "sample": ("sample", "--base", str(base), "--adapter", str(adapter), "--prompt", "a", "--steps", "1",
                    "--size", "32", "--out", str(out)),
     }  # fmt: skip
@@ -110,7 +111,7 @@ FUZZ = settings(
 )
 
 
-@pytest.mark.parametrize("command", ["info", "convert", "merge", "resize"])
+@pytest.mark.parametrize("command", ["info", "convert", "merge", "resize", "transfer"])
 @FUZZ
 @given(content=adapter_files())
 def test_generated_adapter_files(command: str, content, tiny_sd: Path, tmp_path_factory) -> None:
@@ -122,7 +123,7 @@ def test_generated_adapter_files(command: str, content, tiny_sd: Path, tmp_path_
     assert_answered(invoke(module, *args, entry="resize_main" if command == "resize" else "main"), out)
 
 
-@pytest.mark.parametrize("command", ["info", "convert", "merge", "resize"])
+@pytest.mark.parametrize("command", ["info", "convert", "merge", "resize", "transfer"])
 @FUZZ
 @given(data=st.data())
 def test_damaged_copies_of_a_real_adapter(command: str, data, tiny_sd: Path, lora_file: Path, tmp_path_factory) -> None:
