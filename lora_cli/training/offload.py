@@ -28,10 +28,7 @@ if TYPE_CHECKING:
     from lora_cli.models.base import LoadedBase
 
 
-@dataclass
-class _Block:
-    module: nn.Module
-    tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (tensor in the module, its host copy)
+Held = list[tuple[torch.Tensor, torch.Tensor]]  # a block's frozen tensors, each with its host copy
 
 
 @dataclass
@@ -40,7 +37,7 @@ class BlockOffloader:
 
     blocks: list[nn.Module]
     device: torch.device
-    _held: list[_Block] = field(default_factory=list)
+    _held: list[Held] = field(default_factory=list)
     _staged: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = field(default_factory=dict)
     _loaded: set[int] = field(default_factory=set)
     _last: int | None = None
@@ -53,8 +50,7 @@ class BlockOffloader:
             self._stream = torch.cuda.Stream(self.device)
         for index, module in enumerate(self.blocks):
             frozen = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
-            held = [(tensor, _host_copy(tensor, pinned)) for tensor in frozen]
-            self._held.append(_Block(module, held))
+            self._held.append([(tensor, _host_copy(tensor, pinned)) for tensor in frozen])
             self._hooks += [
                 module.register_forward_pre_hook(lambda _module, _args, i=index: self._load(i)),
                 module.register_forward_hook(lambda _module, _args, _output, i=index: self._unload(i)),
@@ -63,18 +59,18 @@ class BlockOffloader:
 
     @property
     def host_bytes(self) -> int:
-        return sum(copy.numel() * copy.element_size() for block in self._held for _, copy in block.tensors)
+        return sum(copy.numel() * copy.element_size() for block in self._held for _, copy in block)
 
     def on_device(self, index: int) -> bool:
         """Whether block `index`'s frozen weights are on the device now."""
-        return all(tensor.numel() == copy.numel() for tensor, copy in self._held[index].tensors)
+        return all(tensor.numel() == copy.numel() for tensor, copy in self._held[index])
 
     def close(self) -> None:
         """Stop offloading: the hooks go and every tensor holds its host copy again (on the host)."""
         for hook in self._hooks:
             hook.remove()
         for block in self._held:
-            for tensor, copy in block.tensors:
+            for tensor, copy in block:
                 tensor.data = copy
         self._hooks, self._staged, self._loaded = [], {}, set()
 
@@ -85,7 +81,7 @@ class BlockOffloader:
             copies, ready = self._staged.pop(index, None) or self._copy(index)
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
-            for (tensor, _), copy in zip(self._held[index].tensors, copies, strict=True):
+            for (tensor, _), copy in zip(self._held[index], copies, strict=True):
                 tensor.data = copy
             self._loaded.add(index)
         direction = 1 if self._last is None or index >= self._last else -1  # backward recomputes in reverse
@@ -95,16 +91,16 @@ class BlockOffloader:
             self._staged[following] = self._copy(following)
 
     def _unload(self, index: int) -> None:
-        for tensor, copy in self._held[index].tensors:
+        for tensor, copy in self._held[index]:
             tensor.data = torch.empty(0, dtype=copy.dtype, device=self.device)
         self._loaded.discard(index)
 
     def _copy(self, index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         """Device copies of block `index`'s frozen tensors; on CUDA issued on the side stream, with its event."""
         if self._stream is None:
-            return [copy.to(self.device) for _, copy in self._held[index].tensors], None
+            return [copy.to(self.device) for _, copy in self._held[index]], None
         with torch.cuda.stream(self._stream):
-            copies = [copy.to(self.device, non_blocking=True) for _, copy in self._held[index].tensors]
+            copies = [copy.to(self.device, non_blocking=True) for _, copy in self._held[index]]
             ready = torch.cuda.Event()
             ready.record(self._stream)
         for copy in copies:  # used on the main stream: not freed while that stream may still read it
