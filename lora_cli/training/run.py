@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
@@ -101,10 +102,23 @@ def train(
     if session.accelerator.is_main_process:
         _write_adapter(session, tensors)
         console.print(f"adapter written to {paths.adapter}", highlight=False)
-    # Several processes: leave the process group together (one leaving while another still writes can hang it).
-    session.accelerator.wait_for_everyone()
-    session.accelerator.end_training()
+    _leave_together(session)
     return paths.adapter
+
+
+def _leave_together(session: TrainingSession) -> None:
+    """Several processes leave the process group together, in an order that cannot hang: the DDP wrapper and
+    optimizer (whose reducer holds the group) are released first, then after a barrier the group is destroyed.
+    Destroying it first left the group's teardown to whenever the wrapper was freed, after the peer had gone,
+    and one process in a few then waited forever (seen on CPU/gloo under load)."""
+    accelerator = session.accelerator
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    session.denoiser = session.optimizer = None
+    accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.state.destroy_process_group()
 
 
 def _write_adapter(session: TrainingSession, tensors: AdapterTensors) -> None:
