@@ -195,12 +195,15 @@ def diffusers_image(
     text_tokens: int | None = None,
     steps: int | None = 3,
     guidance_scale: float | None = 7.5,
+    scheduler: str | None = None,
 ):
     """What diffusers itself draws (its own pipeline and `load_lora_weights`): an int16 RGB array, 64 px, by
     default 3 steps and guidance 7.5 (the settings the tests give lora-sample); None takes the pipeline's
-    default. `text_tokens` is the T5 sequence length for pipelines that take one."""
+    default. `text_tokens` is the T5 sequence length for pipelines that take one; `scheduler` a diffusers
+    scheduler class made from the pipeline's scheduler config (default: the pipeline's own)."""
     from inspect import signature
 
+    import diffusers
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline
@@ -209,6 +212,8 @@ def diffusers_image(
     flags = {"safety_checker": None, "requires_safety_checker": False} if sd15 else {}
     pipe = DiffusionPipeline.from_pretrained(model, **flags)
     pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     if adapter is not None:
         pipe.load_lora_weights(str(adapter))
     options = {"num_inference_steps": steps, "guidance_scale": guidance_scale}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -85,6 +87,24 @@ class InjectedAdapter:
             result = set_peft_model_state_dict(model, state, adapter_name=self.name)
             if result.unexpected_keys:
                 raise AdapterError(f"{source}: tensors that fit no layer, e.g. {result.unexpected_keys[0]}")
+
+
+@contextmanager
+def adapters_disabled(adapter: InjectedAdapter) -> Iterator[None]:
+    """The base as if no adapter were injected (a distillation teacher), trainable flags untouched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for c in adapter.components.values() for m in c.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 def spec_from_section(section: AdapterSection, shapes: dict[str, tuple[int, ...]]) -> AdapterSpec:

@@ -53,8 +53,13 @@ def sample(
         int | None, typer.Option("--size", min=8, help="Image size in pixels (default: the base's).")
     ] = None,
     scheduler: Annotated[
-        str, typer.Option("--scheduler", help="default, ddim, euler, euler_a, dpmpp_2m, unipc, pndm, ddpm.")
-    ] = "default",
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="default (the base's), ddim, euler, euler_a, dpmpp_2m, unipc, pndm, ddpm, lcm. Unset: the one a "
+            "distilled adapter was made for, else the base's.",
+        ),
+    ] = None,
     scales: Annotated[str | None, typer.Option("--scales", help="Sweep adapter strength, e.g. 0,0.5,1.0.")] = None,
     compare: Annotated[
         bool, typer.Option("--compare", help="Add a column of base images with the same seeds.")

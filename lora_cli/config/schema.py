@@ -144,7 +144,11 @@ class AdapterSection(Section):
 
 
 class DataSection(Section):
-    folder: str = Field(description="Folder of images with same-named caption files (`cat.png` + `cat.txt`).")
+    folder: str | None = Field(
+        None,
+        description="Folder of images with same-named caption files (`cat.png` + `cat.txt`). Required, except for "
+        "a distillation run whose teacher draws its data from `distill.prompts`.",
+    )
     resolution: int = Field(512, ge=8, description="Training resolution in pixels (images are resized and cropped).")
     caption_extensions: list[str] = Field(
         [".txt", ".caption"], min_length=1, description="Caption file extensions, tried in order."
@@ -264,6 +268,11 @@ class TrainSection(Section):
     noise_offset: float = Field(
         0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images)."
     )
+    objective: Literal["denoise", "distill"] = Field(
+        "denoise",
+        description="`denoise`: learn the data (a style, a subject). `distill`: learn to sample in few steps — the "
+        "frozen base is the teacher and base + adapter the student (settings in `distill:`).",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -323,6 +332,60 @@ class FlowSection(Section):
         if isinstance(value, float) and value <= 0:
             raise ValueError("flow.shift must be positive (or `auto`)")
         return value
+
+
+class DistillSection(Section):
+    """Few-step distillation (`train.objective: distill`): consistency distillation for DDPM bases, reflow for
+    flow-matching bases. docs/distillation.md has the method and its references."""
+
+    prompts: str | None = Field(
+        None,
+        description="A text file of prompts, one per line, for the teacher to draw `teacher_images` images of each "
+        "(then `data.folder` may be left out). Without it the teacher draws for the dataset's captions.",
+    )
+    teacher_images: int = Field(
+        0,
+        ge=0,
+        description="Images the teacher (the base) draws per prompt before training, cached under "
+        "`output.dir/teacher/` and reused by later runs. 0: train on the dataset's images only. Reflow (flow "
+        "bases) trains on these pairs of noise and drawn image only, so it needs at least 1.",
+    )
+    teacher_steps: int = Field(25, gt=0, description="Denoising steps of the teacher's drawings.")
+    teacher_guidance: float | None = Field(
+        None, ge=0, description="Guidance scale of the teacher's drawings. Default: the base pipeline's."
+    )
+    teacher_seed: int = Field(1234, description="Seed of the first teacher drawing (the rest count up).")
+    guidance: tuple[float, float] = Field(
+        (3.0, 8.0),
+        description="Consistency distillation: the range the teacher's classifier-free guidance scale is drawn "
+        "from at every step (the student learns the guided teacher and samples at guidance 1). Reflow ignores it "
+        "(its teacher draws at `teacher_guidance`).",
+    )
+    solver_steps: int = Field(
+        50,
+        gt=1,
+        description="Consistency distillation: timesteps of the teacher's skipping-step DDIM solver; the skip "
+        "interval is the base's training timesteps (1000) / this. Sampling with `--scheduler lcm` uses the same.",
+    )
+    loss: Literal["huber", "l2"] = Field(
+        "huber", description="Consistency distillation: pseudo-Huber (LCM-LoRA's) or squared-error distance."
+    )
+    huber_c: float = Field(0.001, gt=0, description="The pseudo-Huber loss's c.")
+    target: Literal["student", "ema"] = Field(
+        "student",
+        description="Consistency distillation: the target network — the student itself without gradients "
+        "(LCM-LoRA's choice) or an exponential moving average of its adapter.",
+    )
+    ema_decay: float = Field(0.95, ge=0, lt=1, description="Decay of the EMA target (with `target: ema`).")
+    sample_steps: int = Field(4, gt=0, description="Steps the distilled adapter is made for: previews and "
+                              "`lora-sample` use them by default.")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DistillSection:
+        low, high = self.guidance
+        if not 0 <= low <= high:
+            raise ValueError(f"distill.guidance must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
+        return self
 
 
 class DistributedSection(Section):
@@ -409,10 +472,11 @@ class Preset(Section):
     version: int = Field(PRESET_VERSION, description="Preset format version.")
     model: ModelSection
     adapter: AdapterSection = AdapterSection()
-    data: DataSection
+    data: DataSection = DataSection()
     prior: PriorSection = PriorSection()
     train: TrainSection
     flow: FlowSection = FlowSection()
+    distill: DistillSection = DistillSection()
     distributed: DistributedSection = DistributedSection()
     cache: CacheSection = CacheSection()
     output: OutputSection = OutputSection()
@@ -449,9 +513,26 @@ class Preset(Section):
             )
         if self.data.frames is not None and self.prior.enabled:
             raise ValueError("prior preservation works on images; turn `prior` off to train on video clips")
+        self._check_distillation()
         if self.data.resolution % 8:
             raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")
         return self
+
+    def _check_distillation(self) -> None:
+        distilling = self.train.objective == "distill"
+        if self.data.folder is None and not (distilling and self.distill.prompts and self.distill.teacher_images):
+            raise ValueError(
+                "`data.folder` is missing: name a folder of images and captions (a distillation run may instead "
+                "set distill.prompts and distill.teacher_images)"
+            )
+        if not distilling:
+            return
+        if self.adapter.text_encoder:
+            raise ValueError("`train.objective: distill` trains the denoiser only; set adapter.text_encoder: false")
+        if self.prior.enabled:
+            raise ValueError("`train.objective: distill` has no use for prior images; remove the `prior` section")
+        if self.data.frames is not None:
+            raise ValueError("`train.objective: distill` works on images; video clips are not supported yet")
 
 
 def fsdp_conflict(quantize: str, mixed_precision: str, optimizer: str) -> str | None:

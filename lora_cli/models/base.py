@@ -55,6 +55,7 @@ class Architecture(Protocol):
     default_format: str  # the adapter key layout its community tools read: "kohya" or "diffusers"
     single_file: bool  # whether single-file checkpoints of it are read (and written by lora-merge)
     caption_tokenizer: str  # the tokenizer component whose limit bounds what of a caption the model reads
+    flow_matching: bool  # trained as a rectified flow (SD3, Flux, Wan) rather than with DDPM timesteps
 
     def matches(self, pipeline_class: str) -> bool: ...
 
@@ -83,6 +84,10 @@ class Architecture(Protocol):
     def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
     def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> Objective: ...
+
+    def latents_from_pipeline(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A pipeline's final latents (as its step callback sees them) in the layout training uses."""
+        ...
 
     def extra_conditioning(
         self, base: LoadedBase, preset: Preset, geometry: list[CropGeometry], device: torch.device

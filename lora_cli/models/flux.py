@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +82,14 @@ class Flux(DiffusionTransformer):
         if not base.denoiser.config.guidance_embeds:
             return {}
         return {"guidance": torch.full((len(geometry),), preset.flow.guidance, device=device)}
+
+    def latents_from_pipeline(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's packed tokens (2x2 latent patches) back to [B, C, h, w]."""
+        batch, tokens, features = latents.shape
+        rows = round(math.sqrt(tokens * height / width))
+        columns, channels = tokens // rows, features // 4
+        unpacked = latents.reshape(batch, rows, columns, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return unpacked.reshape(batch, channels, rows * 2, columns * 2)
 
     def predict(
         self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict

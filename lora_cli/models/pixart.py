@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class PixArt(DiffusionTransformer):
     name = "pixart"
     pipeline_class = "PixArtSigmaPipeline"
+    flow_matching = False  # a DDPM-trained transformer
     default_text_tokens = 300  # PixArt-Sigma's T5 length (Alpha used 120)
     text_encoder_classes = {"text_encoder": "tokenizer"}
     target_presets = {

@@ -40,6 +40,7 @@ class StableDiffusion:
     default_format = "kohya"
     caption_tokenizer = "tokenizer"  # CLIP (SDXL: CLIP-L), whose 77 tokens bound a caption
     single_file = True  # the original (LDM) single-file checkpoints A1111 and ComfyUI load
+    flow_matching = False  # DDPM timesteps and noise schedule
     text_encoder_classes = {"text_encoder": "tokenizer"}  # text encoder component -> its tokenizer component
 
     def matches(self, pipeline_class: str) -> bool:
@@ -111,6 +112,9 @@ class StableDiffusion:
         """The image size the base was trained at (its default sampling size)."""
         factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
         return int(base.denoiser.config.sample_size) * factor
+
+    def latents_from_pipeline(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return latents
 
     def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> DenoisingObjective:
         return DenoisingObjective(base.noise_scheduler, preset.train.min_snr_gamma)

@@ -33,6 +33,7 @@ class DiffusionTransformer:
     caption_tokenizer = "tokenizer"  # the T5 tokenizer that bounds a caption (Flux and SD3 name theirs)
     native_resolution = 1024
     default_shift = "scheduler"  # flow.shift when unset: the scheduler's shift, or "auto" (resolution-dependent)
+    flow_matching = True  # rectified flow (velocity, sigmas in (0, 1)) rather than DDPM timesteps
 
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
@@ -79,6 +80,9 @@ class DiffusionTransformer:
     def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         extras = base.pipeline_extras
         return latents_from_encoding(encoding, noise, extras["vae_scaling_factor"], extras["vae_shift_factor"])
+
+    def latents_from_pipeline(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return latents
 
     def objective(self, base: LoadedBase, preset: Preset, latents: torch.Tensor) -> Objective:
         """Flow matching with `flow.shift`: a number, `auto` (from the image-token count: 2x2 latent patches,

@@ -30,11 +30,13 @@ def generate_images(
     on_batch: Callable[[int], object] | None = None,
     frames: int | None = None,
     text_tokens: int | None = None,
+    final_latents: list[Any] | None = None,
 ) -> list[Image.Image]:
     """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images.
     `steps` and `guidance_scale` left None take the pipeline's defaults; `text_tokens` is the T5 sequence length
     for pipelines that take one (what the adapter was trained with). Video pipelines draw `frames` frames,
-    returned as one strip image per video (frames left to right)."""
+    returned as one strip image per video (frames left to right). `final_latents`, when given, receives each
+    image's latents after the last step, as the pipeline holds them ([1, ...] each)."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
@@ -49,6 +51,14 @@ def generate_images(
         options["num_inference_steps"] = steps
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
+    latest: dict[str, Any] = {}
+    if final_latents is not None:
+
+        def keep_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            latest["latents"] = tensors["latents"].detach().cpu()
+            return tensors
+
+        options.update(callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
     images: list[Image.Image] = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
@@ -57,6 +67,8 @@ def generate_images(
             options["negative_prompt"] = [negative_prompt] * len(chunk)
         result = pipeline(chunk, height=size, width=size, generator=generators, **options)
         images += result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
+        if final_latents is not None:
+            final_latents += list(latest.pop("latents").split(1))
         if on_batch is not None:
             on_batch(len(chunk))
     return images

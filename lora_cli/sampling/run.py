@@ -19,7 +19,7 @@ from lora_cli.io.atomic import write_with
 from lora_cli.io.pickle_file import as_safetensors
 from lora_cli.sampling import generate_images, image_grid, pipeline_default
 from lora_cli.sampling.png import save_png
-from lora_cli.sampling.schedulers import make_scheduler
+from lora_cli.sampling.schedulers import FEW_STEP_DEFAULTS, Sampler, make_scheduler
 from lora_cli.sampling.switcher import make_switcher
 
 
@@ -37,7 +37,7 @@ class SampleRequest:
     guidance_scale: float | None = None  # None: likewise (Flux: embedded guidance 3.5)
     text_tokens: int | None = None  # T5 length; None: what the adapters were trained with, else the base's
     size: int | None = None
-    scheduler: str = "default"
+    scheduler: str | None = None  # None: what a distilled adapter records, else the base's own ("default")
     scales: list[float] | None = None
     compare: bool = False
     stack: bool = False
@@ -97,7 +97,15 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
     base = load_base(spec)
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.to(device)
-    base.pipeline_extras["scheduler"] = make_scheduler(request.scheduler, base.pipeline_extras["scheduler"])
+    sampler = resolve_sampler(request, adapter_paths, console)
+    if base.architecture.flow_matching and sampler.scheduler != "default":
+        raise LoraCliError(
+            f"--scheduler {sampler.scheduler}: {base.architecture.name} is a flow-matching base and samples with its "
+            "own flow scheduler; leave --scheduler unset (or `default`)"
+        )
+    base.pipeline_extras["scheduler"] = make_scheduler(
+        sampler.scheduler, base.pipeline_extras["scheduler"], sampler.solver_steps
+    )
     pipeline = base.architecture.build_pipeline(base)
     components = base.trainable_components()
     catalog = ModuleCatalog.from_components(base.architecture, components)
@@ -106,10 +114,13 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
         console.print(f"[yellow]warning[/]: {line}", highlight=False)
     switcher = make_switcher(components, files)
     settings = DrawSettings(
-        steps=request.steps or pipeline_default(pipeline, "num_inference_steps"),
-        guidance_scale=request.guidance_scale
-        if request.guidance_scale is not None
-        else pipeline_default(pipeline, "guidance_scale"),
+        scheduler=sampler.scheduler,
+        steps=request.steps or sampler.steps or pipeline_default(pipeline, "num_inference_steps"),
+        guidance_scale=next(
+            value
+            for value in (request.guidance_scale, sampler.guidance_scale, pipeline_default(pipeline, "guidance_scale"))
+            if value is not None
+        ),
         size=request.size or base.architecture.native_size(base),
         text_tokens=base.pipeline_extras.get("text_tokens"),
     )
@@ -153,10 +164,30 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
 class DrawSettings:
     """What every image of a grid is drawn with, defaults resolved (and recorded in each PNG)."""
 
+    scheduler: str
     steps: int
     guidance_scale: float
     size: int
     text_tokens: int | None
+
+
+def resolve_sampler(request: SampleRequest, adapter_paths: list[Path], console: Console) -> Sampler:
+    """--scheduler, or the sampler the first distilled adapter records (said in one line), or the base's own;
+    a few-step scheduler brings its steps and guidance unless --steps/--guidance are given."""
+    recorded = [(path, Sampler.from_metadata(adapter_metadata(path))) for path in adapter_paths]
+    recorded = [(path, sampler) for path, sampler in recorded if sampler is not None]
+    name = request.scheduler
+    if recorded and name in (None, recorded[0][1].scheduler):
+        path, sampler = recorded[0]
+        if name is None:
+            console.print(
+                f"{path.name} is distilled for {sampler.steps} steps ({sampler.scheduler} scheduler, guidance "
+                f"{sampler.guidance_scale:g}); drawing with those (--scheduler, --steps, --guidance change them)",
+                highlight=False,
+            )
+        return sampler
+    name = name or "default"
+    return Sampler(name, *FEW_STEP_DEFAULTS.get(name, (None, None)))
 
 
 def trained_text_tokens(adapter_paths: list[Path], console: Console) -> int | None:
@@ -198,7 +229,7 @@ def _params(request: SampleRequest, settings: DrawSettings, column: Column, prom
         "seed": seed,
         "steps": settings.steps,
         "guidance_scale": settings.guidance_scale,
-        "scheduler": request.scheduler,
+        "scheduler": settings.scheduler,
         "width": settings.size,
         "height": settings.size,
         "text_tokens": settings.text_tokens,

@@ -216,6 +216,7 @@ class Previews:
 
     def _draw(self, session: TrainingSession) -> list[Image.Image]:
         from lora_cli.sampling import generate_images, image_grid
+        from lora_cli.sampling.schedulers import make_scheduler
 
         sample = session.preset.sample
         models = [session.base.denoiser, *session.adapter.components.values()]
@@ -223,13 +224,19 @@ class Previews:
         for model in models:
             model.eval()  # no adapter dropout in previews
         pipeline = session.base.architecture.build_pipeline(session.base)
+        steps, guidance = sample.steps, sample.guidance_scale
+        if session.distillation is not None:  # a distilled adapter previews as it will be used
+            sampler = session.distillation.sampler
+            pipeline.scheduler = make_scheduler(sampler.scheduler, pipeline.scheduler, sampler.solver_steps)
+            steps = steps or sampler.steps
+            guidance = sampler.guidance_scale if guidance is None else guidance
         with torch.random.fork_rng():  # previews must not move the training's random state
             images = generate_images(
                 pipeline,
                 sample.prompts,
                 [sample.seed + i for i in range(len(sample.prompts))],
-                sample.steps,
-                sample.guidance_scale,
+                steps,
+                guidance,
                 sample.negative_prompt,
                 session.preset.data.resolution,
                 frames=session.preset.data.frames,

@@ -35,6 +35,7 @@ class TrainingState:
     preset: dict[str, Any]
     grad_scaler: dict[str, Any] | None = None  # fp16 loss scaling, so a resumed run keeps its scale
     processes: int = 1  # the global batch is batch_size x processes; a resume on another count converts
+    objective: dict[str, Any] | None = None  # the training objective's own state (a distillation's EMA target)
 
 
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
@@ -85,6 +86,7 @@ def _flatten(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, s
         "scheduler": json.dumps(_encode(state.scheduler, "scheduler", tensors)),
         "preset": json.dumps(state.preset),
         "grad_scaler": json.dumps(_encode(state.grad_scaler, "grad_scaler", tensors)),
+        "objective": json.dumps(_encode(state.objective, "objective", tensors)),
     }
     return tensors, metadata
 
@@ -101,6 +103,7 @@ def _unflatten(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Tr
         preset=json.loads(metadata["preset"]),
         grad_scaler=_decode(json.loads(metadata.get("grad_scaler", "null")), tensors),
         processes=int(metadata.get("processes", "1")),
+        objective=_decode(json.loads(metadata.get("objective", "null")), tensors),
     )
 
 

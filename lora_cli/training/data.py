@@ -34,6 +34,7 @@ class TrainingData:
     geometry: list[CropGeometry]
     frames: int | None = None  # video clips of this many frames (at `fps`) instead of images
     fps: float | None = None
+    noise_seeds: tuple[int | None, ...] = ()  # per item: the seed a teacher drew it from (None: a real image)
 
     def pixels(self, index: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Item `index` as [3, H, W] (an image) or [3, F, H, W] (a clip) in [-1, 1], at its bucket size."""
@@ -54,16 +55,21 @@ class TrainingData:
         prior_weight: float = 1.0,
         frames: int | None = None,
         fps: float | None = None,
+        teacher_items: list[DatasetItem] = (),
+        teacher_seeds: list[int] = (),
     ) -> TrainingData:
-        everything = [*items, *prior_items]
+        """Training items (the dataset's, then a distillation teacher's drawings), then prior items."""
+        trained = [*items, *teacher_items]
+        everything = [*trained, *prior_items]
         digests = [media_digest(item.image) for item in everything]  # a frame folder hashes its frames
-        weights = [1.0] * len(items) + [prior_weight] * len(prior_items)
-        times = [item.repeats * repeats for item in items] + [item.repeats for item in prior_items]
+        weights = [1.0] * len(trained) + [prior_weight] * len(prior_items)
+        times = [item.repeats * repeats for item in trained] + [item.repeats for item in prior_items]
+        seeds = (*[None] * len(items), *teacher_seeds, *[None] * len(prior_items))
         entries = [index for index, count in enumerate(times) for _ in range(count)]
         geometry = [crop_geometry(item, resolution, clips=frames is not None) for item in everything]
         buckets = [(g.width, g.height) for g in geometry]
         fingerprint = dataset_fingerprint(everything, digests)
-        return cls(everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps)
+        return cls(everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps, seeds)
 
 
 def crop_geometry(item: DatasetItem, resolution: int, clips: bool = False) -> CropGeometry:

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from lora_cli.diffusion.losses import sample_noise, weighted_mse
 from lora_cli.errors import TrainingDivergedError, TrainingInterrupted
 from lora_cli.sharded_tensors import full_tensor
+from lora_cli.training.batch import denoising_loss, fresh_noise, micro_batch_inputs
 from lora_cli.training.callbacks import Callback
-from lora_cli.training.data import prepare_caption
 from lora_cli.training.distributed import average_text_encoder_gradients
 from lora_cli.training.interrupt import StopRequest
 from lora_cli.training.session import BatchSample, TrainingSession
@@ -28,48 +27,11 @@ from lora_cli.training.step_guard import guarded_step, supports_deferred_skip
 
 
 def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> torch.Tensor:
-    """The denoising loss of one micro-batch. Each sample's randomness comes from its own seeded generator,
-    on the training device (its caption decisions from one on the CPU)."""
-    base, preset = session.base, session.preset
-    architecture = base.architecture
-    device = session.accelerator.device
-    item_indices = [sample.item for sample in samples]
-    generators = [sample.generator(device) for sample in samples]
-    caption_generators = generators if device.type == "cpu" else [sample.generator() for sample in samples]
-
-    # 1. Latents: sample the cached/live VAE distribution.
-    encodings = session.encoder.encodings(item_indices)
-    sample_shape = encodings[:1, : encodings.shape[1] // 2].shape
-    vae_noise = torch.cat([torch.randn(sample_shape, generator=g, device=device) for g in generators])
-    latents = architecture.latents_from_encoding(base, encodings, vae_noise)
-
-    # 2. Forward process at random noise levels (the architecture's objective: DDPM or flow matching).
-    one = (1, *latents.shape[1:])
-    noise = torch.cat([sample_noise(one, preset.train.noise_offset, g) for g in generators])
-    noised = session.objective(latents).noised(latents, noise, generators)
-
-    # 3. Conditioning: captions after dropout/tag shuffling (empty captions keep the unconditional branch),
-    #    plus what the architecture adds (SDXL's size and crop of each image, Flux's guidance value).
-    data = preset.data
-    captions = [
-        prepare_caption(session.data.items[i].caption, data.shuffle_tags, data.keep_tags, data.caption_dropout, g)
-        for i, g in zip(item_indices, caption_generators, strict=True)
-    ]
-    conditioning = session.encoder.conditioning(captions)
-    geometry = [session.data.geometry[i] for i in item_indices]
-    conditioning.update(architecture.extra_conditioning(base, preset, geometry, device))
-    # The frozen base may be stored in half precision (model.dtype); its inputs must match it.
-    weight_dtype = session.weight_dtype
-    noisy = noised.noisy.to(weight_dtype)
-    conditioning = {
-        key: value.to(weight_dtype) if value.is_floating_point() else value for key, value in conditioning.items()
-    }
-
-    # 4. Predict and compare with the objective's target; prior (class) images carry prior.weight.
-    with session.accelerator.autocast():
-        prediction = architecture.predict(session.denoiser, noisy, noised.timesteps, conditioning)
-    weights = torch.tensor([session.data.weights[i] for i in item_indices], device=device) * noised.weights
-    return weighted_mse(prediction, noised.target, weights)
+    """The loss of one micro-batch: the denoising objective, or the distillation objective's."""
+    batch = micro_batch_inputs(session, samples)
+    if session.distillation is not None:
+        return session.distillation.loss(session, batch)
+    return denoising_loss(session, batch, fresh_noise(session, batch))
 
 
 @dataclass
@@ -123,6 +85,8 @@ def optimizer_step(session: TrainingSession) -> StepRecord:
             session.optimizer.step()
     else:
         guarded_step(session.optimizer, finite, inner)
+    if session.distillation is not None:
+        session.distillation.after_step(session)
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     session.step += 1

@@ -14,6 +14,7 @@ from lora_cli.config.schema import Preset
 from lora_cli.errors import OutputExistsError
 from lora_cli.io.atomic import remove_directory
 from lora_cli.models.base import Architecture, BaseIdentity
+from lora_cli.sampling.schedulers import SAMPLER_KEY, Sampler
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,19 @@ def adapter_format(preset: Preset, architecture: Architecture) -> str:
 
 
 def adapter_metadata(
-    preset: Preset, identity: BaseIdentity, adapter: InjectedAdapter, step: int, dataset_fingerprint: str
+    preset: Preset,
+    identity: BaseIdentity,
+    adapter: InjectedAdapter,
+    step: int,
+    dataset_fingerprint: str,
+    sampler: Sampler | None = None,
 ) -> dict[str, str]:
-    """Self-describing header: algorithm, rank, alpha, targets, base identity, preset, step, dataset."""
+    """Self-describing header: algorithm, rank, alpha, targets, base identity, preset, step, dataset, and for a
+    distilled adapter the sampler it is made for."""
     spec = adapter.spec
+    made_for = {SAMPLER_KEY: sampler.to_metadata()} if sampler is not None else {}
     return {
+        **made_for,
         "lora_cli.version": __version__,
         "lora_cli.algorithm": spec.algorithm,
         "lora_cli.dora": str(spec.dora).lower(),

@@ -1,28 +1,22 @@
 """Prior preservation (DreamBooth-style regularisation): class images from a folder or drawn by the base.
 
-Generated images are drawn by every process (a share each) and written once, by the main process, under
-`output.dir/prior/<key>/` as PNG + caption pairs, keyed by the base fingerprint and the generation settings,
-so later runs reuse them and `lora-check-dataset` can inspect them.
+Generated images are drawn as `training/drawn.py` draws (every process a share, the main process writes) under
+`output.dir/prior/<key>/`, keyed by the base fingerprint and the generation settings, so later runs reuse them
+and `lora-check-dataset` can inspect them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from datasets_tools.scan import DatasetItem, scan_folder
 from lora_cli.config.schema import Preset
 from lora_cli.errors import DatasetError
-from lora_cli.io.atomic import atomic_directory
 from lora_cli.models.base import LoadedBase
-
-COMPLETE_MARKER = "prior.json"
+from lora_cli.training.drawn import Drawing, draw_into_folder, is_complete
 
 
 def prior_items(
@@ -36,7 +30,7 @@ def prior_items(
         items += _scan(Path(prior.folder), preset.data.caption_extensions)
     if prior.prompts:
         folder = generated_folder(preset, base, run_root)
-        if not (folder / COMPLETE_MARKER).is_file():
+        if not is_complete(folder, "prior"):
             if not generate:
                 return items
             _generate(preset, base, folder, accelerator)
@@ -60,47 +54,10 @@ def generated_folder(preset: Preset, base: LoadedBase, run_root: Path) -> Path:
 
 
 def _generate(preset: Preset, base: LoadedBase, folder: Path, accelerator: Any) -> None:
-    from lora_cli.sampling import generate_images
-    from lora_cli.training.offload import offloaded_while_drawing
-
     prior = preset.prior
     prompts = [prompt for prompt in prior.prompts for _ in range(prior.images_per_prompt)]
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = list(range(rank, len(prompts), world))  # image i is drawn from seed prior.seed + i on any process
-    offload = preset.train.offload_blocks if accelerator is not None else 0
-    with offloaded_while_drawing(base, offload, accelerator.device) if offload else nullcontext():
-        if accelerator is not None:  # draw on the GPU; training moves the modules there next anyway
-            for module in (base.denoiser, base.vae, *base.text_encoders.values()):
-                module.to(accelerator.device)
-        images = generate_images(
-            base.architecture.build_pipeline(base),
-            [prompts[i] for i in mine],
-            [prior.seed + i for i in mine],
-            prior.steps,
-            prior.guidance_scale,
-            "",
-            preset.data.resolution,
-            text_tokens=base.pipeline_extras.get("text_tokens"),
-        )
-    drawn = [(index, _png(image)) for index, image in zip(mine, images, strict=True)]
-    if accelerator is not None and world > 1:
-        from accelerate.utils import gather_object
-
-        drawn = gather_object(drawn)
-    if rank == 0:
-        with atomic_directory(folder) as tmp:
-            for index, png in sorted(drawn):
-                (tmp / f"prior_{index:05d}.png").write_bytes(png)
-                (tmp / f"prior_{index:05d}.txt").write_text(prompts[index] + "\n", encoding="utf-8")
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"prompts": prior.prompts, "count": len(prompts)}))
-    if accelerator is not None:
-        accelerator.wait_for_everyone()  # the others read what the main process wrote
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    drawing = Drawing(prompts, prior.seed, prior.steps, prior.guidance_scale, preset.data.resolution)
+    draw_into_folder(base, drawing, folder, "prior", accelerator, preset.train.offload_blocks)
 
 
 def _scan(folder: Path, caption_extensions: list[str]) -> list[DatasetItem]:

@@ -22,7 +22,7 @@ from lora_cli.training.sharding import shard_optimizer_state
 
 # Preset sections that must be identical to resume; the rest (logging, output, samples) may change, and so
 # may train.steps/epochs (to train longer).
-FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "flow", "cache")
+FROZEN_SECTIONS = ("model", "adapter", "data", "prior", "train", "flow", "distill", "cache")
 MAY_CHANGE = {("train", "steps"), ("train", "epochs"), ("model", "allow_pickle")}
 
 
@@ -31,6 +31,7 @@ def write_checkpoint(session: TrainingSession) -> Path | None:
     process writes the checkpoint and returns its folder, the others return None."""
     adapter = gather_state(session.adapter.tensors())
     optimizer = gather_state(session.optimizer.state_dict())
+    objective = gather_state(session.distillation.state()) if session.distillation is not None else None
     if not session.accelerator.is_main_process:
         return None
     table = session.base.architecture.kohya_table
@@ -44,6 +45,7 @@ def write_checkpoint(session: TrainingSession) -> Path | None:
         preset=session.preset.model_dump(mode="json"),
         grad_scaler=session.accelerator.scaler.state_dict() if session.accelerator.scaler else None,
         processes=session.accelerator.num_processes,
+        objective=objective,
     )
     folder = checkpoint_dir(session.paths.checkpoints, session.step)
     try:
@@ -99,6 +101,8 @@ def restore_checkpoint(session: TrainingSession, folder: Path) -> None:
     session.adapter.load_tensors(tensors, str(folder))
     session.optimizer.load_state_dict(shard_optimizer_state(session.optimizer, state.optimizer))
     session.scheduler.load_state_dict(state.scheduler)
+    if session.distillation is not None and state.objective:
+        session.distillation.load_state(state.objective)
     if state.grad_scaler and session.accelerator.scaler:
         session.accelerator.scaler.load_state_dict(state.grad_scaler)
     torch.set_rng_state(state.torch_rng)

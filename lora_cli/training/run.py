@@ -123,7 +123,10 @@ def _leave_together(session: TrainingSession) -> None:
 
 def _write_adapter(session: TrainingSession, tensors: AdapterTensors) -> None:
     preset = session.preset
-    metadata = adapter_metadata(preset, session.base.identity, session.adapter, session.step, session.data.fingerprint)
+    sampler = session.distillation.sampler if session.distillation is not None else None
+    metadata = adapter_metadata(
+        preset, session.base.identity, session.adapter, session.step, session.data.fingerprint, sampler
+    )
     try:
         write_adapter(
             session.paths.adapter,

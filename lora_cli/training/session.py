@@ -18,12 +18,14 @@ from lora_cli.config.schema import Preset
 from lora_cli.errors import DatasetError, PresetError
 from lora_cli.models import LoadedBase, load_base
 from lora_cli.training.data import TrainingData, epoch_batches
+from lora_cli.training.distill import make_distillation, trained_dataset_items
 from lora_cli.training.encoders import BatchEncoder
 from lora_cli.training.offload import offload_denoiser, offload_summary, stream_text_encoders
 from lora_cli.training.optim import build_optimizer, build_scheduler
 from lora_cli.training.outputs import RunPaths
 from lora_cli.training.prior import prior_items
 from lora_cli.training.sharding import refuse_unsupported_launch, shard_denoiser, wants_sharding
+from lora_cli.training.teacher import teacher_items
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class TrainingSession:
     weight_dtype: torch.dtype = torch.float32  # the frozen base's storage dtype: the denoiser's inputs follow it
     started: float = field(default_factory=time.perf_counter)  # when training began (for metrics)
     phases: dict[str, float] = field(default_factory=dict)  # seconds each startup phase took, for the log
+    distillation: Any = None  # training/distill.Distillation under `train.objective: distill`
     _epoch_order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
     _objectives: dict[tuple[int, ...], Any] = field(default_factory=dict, repr=False)
 
@@ -107,6 +110,8 @@ def scan_dataset(preset: Preset) -> Report:
     """Run the dataset check (as `lora-check-dataset` does) before any model is loaded; errors stop the run
     with the first one, warnings are the caller's to print."""
     data = preset.data
+    if data.folder is None:  # a distillation run whose teacher draws everything (the schema checks)
+        return Report(folder="")
     if data.frames is not None:
         report = check_clips(data.folder, data.frames, data.fps, data.caption_extensions)
     else:
@@ -129,14 +134,19 @@ def _check_batch_fills(preset: Preset, report: Report) -> None:
     train, data, prior = preset.train, preset.data, preset.prior
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     samples = sum(item.repeats for item in report.items) * data.repeats
+    if preset.train.objective == "distill" and preset.distill.teacher_images:
+        from lora_cli.training.teacher import teacher_prompts
+
+        samples += len(teacher_prompts(preset, report.items)) * preset.distill.teacher_images * data.repeats
     if prior.enabled:
         samples += len(prior.prompts) * prior.images_per_prompt
         samples += len(scan_folder(prior.folder, data.caption_extensions).items) if prior.folder else 0
     wanted = train.batch_size * processes
     if samples < wanted and not train.allow_short_batches:
         across = f" x {processes} processes" if processes > 1 else ""
+        source = data.folder or "the teacher"
         raise PresetError(
-            f"train.batch_size: {train.batch_size}{across} needs {wanted} samples per batch but {data.folder} gives "
+            f"train.batch_size: {train.batch_size}{across} needs {wanted} samples per batch but {source} gives "
             f"{samples} (with repeats); lower train.batch_size, add images or repeats, or set "
             "train.allow_short_batches: true"
         )
@@ -163,16 +173,19 @@ def _stop_on_errors(report: Report, folder: str) -> Report:
 def prepare_model(
     preset: Preset, scan: Report, generate_prior: bool = True, accelerator: Any = None
 ) -> tuple[LoadedBase, InjectedAdapter, TrainingData]:
-    """Load the frozen base, gather prior images (drawn by the base before any adapter exists, shared among the
-    `accelerator`'s processes), inject the adapter and index the data. Shared by training and --dry-run (which
-    generates nothing)."""
+    """Load the frozen base, gather prior images and a distillation teacher's images (drawn by the base before any
+    adapter exists, shared among the `accelerator`'s processes), inject the adapter and index the data. Shared by
+    training and --dry-run (which generates nothing)."""
     base = load_base(preset.model)
     root = run_paths(preset).root
     prior = prior_items(preset, base, root, generate_prior, accelerator) if preset.prior.enabled else []
+    dataset = trained_dataset_items(preset, base.architecture, scan.items)
+    teacher, seeds = teacher_items(preset, base, root, scan.items, generate_prior, accelerator)
     settings = preset.data
     data = TrainingData.build(
-        scan.items, settings.resolution, settings.repeats, prior, preset.prior.weight, settings.frames, settings.fps
-    )
+        dataset, settings.resolution, settings.repeats, prior, preset.prior.weight, settings.frames, settings.fps,
+        teacher, seeds,
+    )  # fmt: skip
     adapter = inject_adapter(base, preset.adapter, preset.train.seed)
     return base, adapter, data
 
@@ -261,6 +274,7 @@ def build_session(
         batches_per_epoch=batches_per_epoch,
         sharded=sharded,
         weight_dtype=getattr(torch, preset.model.dtype),
+        distillation=make_distillation(preset, adapter, base),
     )
 
 
