@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.concept import load_pipeline, score, train_adapter
+from benchmarks.concept import Drawer, load_pipeline, score, train_adapter
 from benchmarks.derived_bases import KINDS, derive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,8 @@ def similarity_summary(adapter: Path, target: Path, threshold: float, energy: fl
     }
 
 
-def scores(pipeline, judge, samples: int) -> dict[str, float]:
-    found = score(pipeline, judge, samples)
+def scores(drawer: Drawer, judge, samples: int) -> dict[str, float]:
+    found = score(drawer, judge, samples)
     return {"yellow_star": found["held_out"]["a yellow star"], "known": round(found["known_mean"], 4)}
 
 

@@ -142,7 +142,7 @@ def markdown() -> str:
     lines += [
         "",
         "PixArt has no LoRA loader in diffusers, so its diffusers-layout files are checked by lora-cli's own loader",
-        "only. " + ", ".join(f"`{source}`" for source in builtins.values()) + " is the built-in base.",
+        "only. Built-in bases: " + ", ".join(f"`{source}`" for source in builtins.values()) + ".",
         "",
     ]
     return "\n".join(lines)

@@ -318,3 +318,22 @@ def test_a_ddpm_scheduler_is_refused_for_a_flow_base(tiny_base, tmp_path: Path) 
     )  # fmt: skip
     assert result.returncode != 0
     assert "flow-matching base" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["distill-quickstart.yaml", "distill-quickstart-dit.yaml"])
+def test_short_distillation_quickstarts_write_an_adapter_with_its_sampler(tmp_path: Path, preset: str) -> None:
+    from lora_cli.adapters.files import adapter_metadata
+    from lora_cli.sampling.schedulers import Sampler
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    result = invoke(
+        "train", str(root / "presets" / preset), "--no-progress",
+        *("--set", "train.steps=3", "--set", "distill.teacher_images=1", "--set", "distill.teacher_steps=3"),
+        *("--set", f"output.dir={out}"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (adapter,) = out.glob("*.safetensors")
+    expected = "lcm" if preset == "distill-quickstart.yaml" else "default"
+    assert Sampler.from_metadata(adapter_metadata(adapter)).scheduler == expected
+    assert len(list((out / "teacher").rglob("teacher_*.png"))) == 9

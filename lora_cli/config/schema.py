@@ -31,7 +31,8 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str = Field(
         description="Base model: a local diffusers folder, a single-file `.safetensors` checkpoint, "
-        "a Hugging Face hub id, or `builtin:shapes` (the small base that ships with lora-cli). "
+        "a Hugging Face hub id, or `builtin:shapes` / `builtin:shapes-dit` (the small UNet and DiT bases that ship "
+        "with lora-cli). "
         "Relative paths are resolved against the preset file's folder."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")

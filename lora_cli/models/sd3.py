@@ -51,7 +51,7 @@ class StableDiffusion3(DiffusionTransformer):
         hidden, pooled = [], []
         for name in CLIP_ENCODERS:
             tokenizer, encoder = base.tokenizers[name], base.text_encoders[name]
-            ids = padded_tokens(tokenizer, captions, 77, encoder.device).input_ids
+            ids = padded_tokens(tokenizer, captions, tokenizer.model_max_length, encoder.device).input_ids
             output = encoder(ids, output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled.append(output[0])

@@ -42,19 +42,20 @@ class DiffusionTransformer:
         names = ["transformer", "vae", "scheduler", *self.text_encoder_classes, *self.text_encoder_classes.values()]
         components = load_components(spec, str(source.location), names, dtype)
         vae = components["vae"]
+        tokenizers = {name: components[tokenizer] for name, tokenizer in self.text_encoder_classes.items()}
         return LoadedBase(
             architecture=self,
             identity=source.identity(),
             denoiser=components["transformer"],
             vae=vae,
             text_encoders={name: components[name] for name in self.text_encoder_classes},
-            tokenizers={name: components[tokenizer] for name, tokenizer in self.text_encoder_classes.items()},
+            tokenizers=tokenizers,
             noise_scheduler=self.training_scheduler(components["scheduler"]),
             pipeline_extras={
                 "scheduler": components["scheduler"],
                 "vae_scaling_factor": getattr(vae.config, "scaling_factor", 1.0),
                 "vae_shift_factor": getattr(vae.config, "shift_factor", None) or 0.0,
-                "text_tokens": spec.max_text_tokens or self.default_text_tokens,
+                "text_tokens": spec.max_text_tokens or self.text_token_default(tokenizers),
                 "vae_config": vae.config,  # kept when the VAE itself is released after caching latents
             },
         )
@@ -70,6 +71,12 @@ class DiffusionTransformer:
 
     def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return flat
+
+    def text_token_default(self, tokenizers: dict[str, Any]) -> int:
+        """The architecture's T5 length, or less where the base's tokenizers declare a shorter limit (a small
+        base trained on short captions, such as builtin:shapes-dit)."""
+        longest = max((int(tokenizer.model_max_length) for tokenizer in tokenizers.values()), default=1 << 30)
+        return min(self.default_text_tokens, longest)
 
     def training_scheduler(self, scheduler: Any) -> Any:
         return scheduler

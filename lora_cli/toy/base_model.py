@@ -113,6 +113,49 @@ def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log) -> float:
     return float(1.0 / latents.std())
 
 
+def train_denoiser(
+    model, batch_loss, steps: int, seed: int, log, lr: float = 1e-3, batch: int = 48, name: str = "unet"
+):
+    """Train `model` on `batch_loss(batch_size, generator)`, a random batch's loss (AdamW, 100 warm-up
+    steps then cosine, gradient norm 1); returns its EMA (decay up to 0.999)."""
+    generator = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = 100
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    model.train()
+    for step in range(steps):
+        loss = batch_loss(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for averaged, current in zip(ema.parameters(), model.parameters(), strict=True):
+                averaged.lerp_(current, 1 - decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f}")
+    return ema
+
+
+def caption_batch(count: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random dataset indices, and which of them train on the empty caption instead of theirs (10%)."""
+    index = torch.randint(0, count, (size,), generator=generator)
+    return index, torch.rand(size, generator=generator) < 0.1
+
+
+def with_empty(embeddings: torch.Tensor, index: torch.Tensor, dropped: torch.Tensor, empty: torch.Tensor):
+    """The caption embeddings of `index`, the dropped ones replaced by the empty caption's."""
+    condition = embeddings[index].clone()
+    condition[dropped] = empty
+    return condition
+
+
 def train_unet(
     unet, latents: torch.Tensor, embeddings: torch.Tensor, empty: torch.Tensor, steps: int, seed: int, log, lr=1e-3
 ):
@@ -120,37 +163,16 @@ def train_unet(
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    generator = torch.Generator().manual_seed(seed)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    warmup = 100
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
-    unet.train()
-    for step in range(steps):
-        index = torch.randint(0, len(latents), (48,), generator=generator)
-        batch = latents[index]
-        condition = embeddings[index].clone()
-        drop = torch.rand(48, generator=generator) < 0.1
-        condition[drop] = empty
+
+    def batch_loss(size: int, generator: torch.Generator) -> torch.Tensor:
+        index, dropped = caption_batch(len(latents), size, generator)
+        batch, condition = latents[index], with_empty(embeddings, index, dropped, empty)
         noise = torch.randn(batch.shape, generator=generator)
-        timesteps = torch.randint(0, 1000, (48,), generator=generator)
+        timesteps = torch.randint(0, 1000, (size,), generator=generator)
         noisy = scheduler.add_noise(batch, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=condition).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for averaged, current in zip(ema.parameters(), unet.parameters(), strict=True):
-                averaged.lerp_(current, 1 - decay)
-        if step % 100 == 0 or step == steps - 1:
-            log(f"unet step {step}/{steps} loss {loss.item():.4f}")
-    return ema
+        return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=condition).sample, noise)
+
+    return train_denoiser(unet, batch_loss, steps, seed, log, lr)
 
 
 def train_base(out: Path, seed: int = 0, vae_steps: int = 1100, unet_steps: int = 2500, per_pair: int = 500) -> Path:
