@@ -4,10 +4,13 @@ The planner reads only safetensors headers, so a folder whose files have the rea
 dtypes, offsets) and a sparse hole where the data would be (no disk used) plans exactly as the downloaded model
 would. Each component is instantiated on torch's meta device from its published configuration (FLUX.1-dev:
 diffusers' FluxTransformer2DModel defaults, CLIP ViT-L/14's text model, T5-XXL's encoder, the 16-channel VAE;
-Wan 2.1 14B: its transformer, UMT5-XXL, Wan's VAE).
+Wan 2.1 14B: its transformer, UMT5-XXL, Wan's VAE; Qwen-Image: its 20B transformer, Qwen2.5-VL-7B, its VAE;
+Z-Image: its 6B transformer, Qwen3-4B, FLUX.1's VAE; FLUX.2 [klein] 4B: its transformer, Qwen3-4B, FLUX.2's
+VAE; HunyuanVideo: its 13B transformer, LLaVA-Llama-3-8B's language model, CLIP-L, its VAE; LongCat-Image: its 6B
+transformer, Qwen2.5-VL-7B, FLUX.1's VAE).
 
-Run: `python -m benchmarks.shaped_headers OUT_DIR [--models flux-dev,wan-14b]`, then for example
-`lora-train presets/flux-nf4.yaml --set model.path=OUT_DIR/flux-dev --plan --vram 8GiB`.
+Run: `python -m benchmarks.shaped_headers OUT_DIR [--models flux-dev,wan-14b,qwen-image,...]` (see MODELS),
+then for example `lora-train presets/flux-nf4.yaml --set model.path=OUT_DIR/flux-dev --plan --vram 8GiB`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from pathlib import Path
 
 import torch
 
+QWEN3_4B = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128,
+)  # fmt: skip
+QWEN_OTHERS = {"scheduler": "FlowMatchEulerDiscreteScheduler", "tokenizer": "Qwen2Tokenizer"}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -48,25 +56,32 @@ def _save_config(model, folder: Path, name: str = "config.json") -> None:
     (folder / name).write_text(json.dumps(config, indent=2, default=str))
 
 
+def _flux_vae():
+    """FLUX.1's 16-channel VAE (also Z-Image's); build it under torch.device("meta")."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def flux_dev(out: Path) -> Path:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(guidance_embeds=True)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = _flux_vae()
         clip = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=768,
@@ -89,24 +104,17 @@ def flux_dev(out: Path) -> Path:
                 is_gated_act=True,
             )
         )
-    components = {
-        "transformer": (transformer, "diffusion_pytorch_model.safetensors"),
-        "vae": (vae, "diffusion_pytorch_model.safetensors"),
-        "text_encoder": (clip, "model.safetensors"),
-        "text_encoder_2": (t5, "model.safetensors"),
-    }
-    index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-    }
-    return _write(out, index, components)
+    modules = {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
+    return _write(
+        out,
+        "FluxPipeline",
+        modules,
+        {
+            "scheduler": "FlowMatchEulerDiscreteScheduler",
+            "tokenizer": "CLIPTokenizer",
+            "tokenizer_2": "T5TokenizerFast",
+        },
+    )
 
 
 def wan_14b(out: Path) -> Path:
@@ -139,34 +147,129 @@ def wan_14b(out: Path) -> Path:
                 is_gated_act=True,
             )
         )
-    components = {
-        "transformer": (transformer, "diffusion_pytorch_model.safetensors"),
-        "vae": (vae, "diffusion_pytorch_model.safetensors"),
-        "text_encoder": (umt5, "model.safetensors"),
-    }
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-    }
-    return _write(out, index, components)
+    modules = {"transformer": transformer, "vae": vae, "text_encoder": umt5}
+    return _write(out, "WanPipeline", modules, {"scheduler": "UniPCMultistepScheduler", "tokenizer": "T5TokenizerFast"})
 
 
-def _write(out: Path, index: dict, components: dict) -> Path:
+def qwen_image(out: Path) -> Path:
+    """Qwen-Image (20B MMDiT, diffusers' defaults are the release's), Qwen2.5-VL-7B-Instruct, its VAE."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel()
+        vae = AutoencoderKLQwenImage()
+        text_encoder = _qwen25_vl_7b()
+    return _write(
+        out, "QwenImagePipeline", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, QWEN_OTHERS
+    )
+
+
+def _qwen25_vl_7b():
+    """Qwen2.5-VL-7B-Instruct (Qwen-Image's and LongCat-Image's text encoder); build it on the meta device."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4,
+    )  # fmt: skip
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def longcat_image(out: Path) -> Path:
+    """LongCat-Image (6B: 10 double- and 20 single-stream blocks of 24 heads), Qwen2.5-VL-7B, FLUX.1's VAE."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = LongCatImageTransformer2DModel(num_layers=10, num_single_layers=20)
+        vae = _flux_vae()
+        text_encoder = _qwen25_vl_7b()
+    modules = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
+    return _write(out, "LongCatImagePipeline", modules, QWEN_OTHERS)
+
+
+def z_image(out: Path) -> Path:
+    """Z-Image(-Turbo) (6B single-stream DiT, diffusers' defaults are the release's), Qwen3-4B, FLUX.1's VAE."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel()
+        vae = _flux_vae()
+        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B))
+    return _write(
+        out, "ZImagePipeline", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, QWEN_OTHERS
+    )
+
+
+def flux2_klein(out: Path) -> Path:
+    """FLUX.2 [klein] 4B (5 double and 20 single blocks of 24 heads, no guidance embedding), Qwen3-4B, FLUX.2's
+    VAE."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(
+            num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+        )
+        vae = AutoencoderKLFlux2()
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B, tie_word_embeddings=True))
+    return _write(
+        out, "Flux2KleinPipeline", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, QWEN_OTHERS
+    )
+
+
+def hunyuan_video(out: Path) -> Path:
+    """HunyuanVideo 1.0 (13B; diffusers' defaults are the release's), LLaVA-Llama-3-8B's language model, CLIP-L,
+    its causal 3D VAE."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    with torch.device("meta"):
+        transformer = HunyuanVideoTransformer3DModel()
+        vae = AutoencoderKLHunyuanVideo()
+        llama = LlamaModel(
+            LlamaConfig(
+                vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8,
+            )
+        )  # fmt: skip
+        clip = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        )
+    modules = {"transformer": transformer, "vae": vae, "text_encoder": llama, "text_encoder_2": clip}
+    return _write(
+        out,
+        "HunyuanVideoPipeline",
+        modules,
+        {
+            "scheduler": "FlowMatchEulerDiscreteScheduler",
+            "tokenizer": "PreTrainedTokenizerFast",
+            "tokenizer_2": "CLIPTokenizer",
+        },
+    )
+
+
+def _write(out: Path, pipeline: str, modules: dict[str, torch.nn.Module], others: dict[str, str]) -> Path:
+    """A diffusers folder of `pipeline`: each module's headers and config in its sub-folder, `others` (tokenizers,
+    scheduler: component -> class) named in model_index.json only."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    for name, (module, file_name) in components.items():
-        dtype = torch.bfloat16
-        write_headers(module, out / name, file_name, dtype)
+    index: dict[str, object] = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+    for name, module in modules.items():
+        library = type(module).__module__.split(".")[0]
+        index[name] = [library, type(module).__name__]
+        file_name = "diffusion_pytorch_model.safetensors" if library == "diffusers" else "model.safetensors"
+        write_headers(module, out / name, file_name, torch.bfloat16)
         _save_config(module, out / name)
+    for name, class_name in others.items():
+        index[name] = ["diffusers" if name == "scheduler" else "transformers", class_name]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
 
 
-MODELS = {"flux-dev": flux_dev, "wan-14b": wan_14b}
+MODELS = {"flux-dev": flux_dev, "wan-14b": wan_14b, "qwen-image": qwen_image, "z-image": z_image,
+          "flux2-klein": flux2_klein, "hunyuan-video": hunyuan_video,
+          "longcat-image": longcat_image}  # fmt: skip
 
 
 def main() -> None:

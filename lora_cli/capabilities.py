@@ -141,7 +141,8 @@ def markdown() -> str:
     lines += [f"{number}. {reason}" for reason, number in reasons.items()]
     lines += [
         "",
-        "PixArt has no LoRA loader in diffusers, so its diffusers-layout files are checked by lora-cli's own loader",
+        "PixArt and LongCat-Image have no LoRA loader in diffusers, so their diffusers-layout files are checked by "
+        "lora-cli's own loader",
         "only. Built-in bases: " + ", ".join(f"`{source}`" for source in builtins.values()) + ".",
         "",
     ]

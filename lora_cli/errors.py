@@ -40,6 +40,10 @@ class AdapterError(LoraCliError):
     """An adapter file or adapter configuration is invalid or does not fit the base."""
 
 
+class SamplingError(LoraCliError):
+    """Drawing images went wrong in a way the user can change (steps, adapter scales)."""
+
+
 class CheckpointError(LoraCliError):
     """A training checkpoint is missing, damaged or incompatible."""
 

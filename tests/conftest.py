@@ -28,6 +28,11 @@ TINY_BUILDERS = {
     "sd3": "lora_cli.toy.tiny_dits:build_tiny_sd3",
     "pixart": "lora_cli.toy.tiny_dits:build_tiny_pixart",
     "wan": "lora_cli.toy.tiny_dits:build_tiny_wan",
+    "z-image": "lora_cli.toy.tiny_llm_dits:build_tiny_z_image",
+    "qwen-image": "lora_cli.toy.tiny_llm_dits:build_tiny_qwen_image",
+    "flux2": "lora_cli.toy.tiny_llm_dits:build_tiny_flux2_klein",
+    "hunyuan-video": "lora_cli.toy.tiny_llm_dits:build_tiny_hunyuan_video",
+    "longcat-image": "lora_cli.toy.tiny_llm_dits:build_tiny_longcat_image",
 }
 
 
@@ -216,11 +221,16 @@ def diffusers_image(
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     if adapter is not None:
         pipe.load_lora_weights(str(adapter))
-    options = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
-    if text_tokens is not None and "max_sequence_length" in signature(pipe.__call__).parameters:
+    accepted = signature(pipe.__call__).parameters
+    # Qwen-Image's classifier-free guidance is `true_cfg_scale`, active with a negative prompt (its examples' " ")
+    true_cfg = type(pipe).__name__ == "QwenImagePipeline"
+    options = {"num_inference_steps": steps, "true_cfg_scale" if true_cfg else "guidance_scale": guidance_scale}
+    if true_cfg:
+        options["negative_prompt"] = " "
+    if text_tokens is not None and "max_sequence_length" in accepted:
         options["max_sequence_length"] = text_tokens
     image = pipe(
-        prompt,
+        prompt=prompt,  # by name: FLUX.2's pipelines take reference images first
         height=64,
         width=64,
         generator=torch.Generator().manual_seed(seed),

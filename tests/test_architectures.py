@@ -11,6 +11,7 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
 
+from lora_cli.errors import PresetError
 from lora_cli.sampling.run import SampleRequest, run_sampling
 from lora_cli.toolbox.merge import merge_adapters
 from tests.conftest import base_weights, diffusers_image, fixed_batch_losses, train_preset
@@ -83,7 +84,7 @@ def test_sdxl_merge_into_folder_and_single_file(tiny_sdxl: Path, sdxl_adapter: P
         assert torch.equal(from_file.read_weight(key), from_folder.read_weight(key)), key
 
 
-DITS = ("flux", "pixart", "sd3")
+DITS = ("flux", "pixart", "sd3", "z-image", "qwen-image", "flux2", "longcat-image")
 
 
 @pytest.fixture(scope="session", params=DITS)
@@ -117,11 +118,11 @@ def test_dit_adapter_loads_in_diffusers_and_merges(tiny_dit, dit_adapter: Path, 
     name, base_folder = tiny_dit
     keys = load_file(dit_adapter).keys()
     assert all(key.startswith("transformer.") for key in keys)  # diffusers' layout, the DiTs' default
-    assert any(".ff." in key for key in keys)  # attention_ff reaches the feed-forwards
+    assert any(part in key for key in keys for part in (".ff.", ".feed_forward.", "_mlp."))  # attention_ff: MLPs
     ours = sample(base_folder, tmp_path / "ours", [(dit_adapter, 1.0)], guidance_scale=7.5)
     base = sample(base_folder, tmp_path / "base", guidance_scale=7.5)
-    assert np.abs(ours - base).max() > 10
-    if name != "pixart":  # diffusers has no LoRA loader for PixArt; merging below checks the file instead
+    assert np.abs(ours - base).max() > 5  # measured: 7 (Qwen-Image) to 52 (Z-Image); diffusers agrees within 1
+    if name not in ("pixart", "longcat-image"):  # diffusers has no LoRA loader for them: the merge below checks
         theirs = diffusers_image(base_folder, dit_adapter, "a yellow star", 7, text_tokens=32)
         assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
 
@@ -143,8 +144,12 @@ def test_dit_text_encoder_adapters_cover_the_encoders_the_community_trains(tiny_
         "train": {"steps": 1, "batch_size": 2},
         "output": {"dir": str(tmp_path), "name": name},
     }
-    components = {key.split(".")[0] for key in load_file(train_preset(raw, name))}
     architecture = next(a for a in ARCHITECTURES if a.name == {"sd3": "stable-diffusion-3"}.get(name, name))
+    if not architecture.trained_text_encoders:  # an LLM encoder (Z-Image, Qwen-Image): refused, not ignored
+        with pytest.raises(PresetError, match="adapter.text_encoder: .* set it to false"):
+            train_preset(raw, name)
+        return
+    components = {key.split(".")[0] for key in load_file(train_preset(raw, name))}
     assert components == {"transformer", *architecture.trained_text_encoders}  # Flux/SD3 leave T5 frozen
 
 

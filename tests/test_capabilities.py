@@ -22,8 +22,10 @@ from tests.conftest import invoke, read_for_base, train_preset
 pytestmark = pytest.mark.xdist_group(name="capabilities")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"stable-diffusion": "sd", "stable-diffusion-xl": "sdxl", "stable-diffusion-3": "sd3", "flux": "flux",
-        "pixart": "pixart", "wan": "wan"}  # fmt: skip
+DITS = ("flux", "pixart", "wan", "z-image", "qwen-image", "flux2", "hunyuan-video", "longcat-image")
+NO_DIFFUSERS_LOADER = ("pixart", "longcat-image")  # diffusers 0.42 has no LoRA loader for their pipelines
+TINY = {"stable-diffusion": "sd", "stable-diffusion-xl": "sdxl", "stable-diffusion-3": "sd3", **{d: d for d in DITS}}
+VIDEO = ("wan", "hunyuan-video")  # trained on clips
 ADAPTERS = {
     "lora": {"type": "lora"},
     "dora": {"type": "lora", "dora": True},
@@ -74,7 +76,7 @@ class World:
         return out
 
     def preset(self, cell: Cell, base: str, steps: int = 2) -> dict:
-        video = cell.architecture.name == "wan"
+        video = cell.architecture.name in VIDEO
         data = {"folder": str(self.clips), "frames": 5} if video else {"folder": str(self.shapes_data)}
         model = {"path": base}
         if cell.architecture.denoiser_name == "transformer":
@@ -150,10 +152,11 @@ def run(cell: Cell, world: World, tmp_path: Path):
 
 
 def sample_options(cell: Cell, world: World, out: Path) -> list[str]:
-    options = ["--prompt", "a red circle", "--steps", "1", "--size", "32", "--out", str(out)]
+    # two steps: Qwen-Image's scheduler (its terminal-sigma stretch) cannot draw in one
+    options = ["--prompt", "a red circle", "--steps", "2", "--size", "32", "--out", str(out)]
     if cell.source == "single file":
         options += ["--config", str(world.folder_base(cell))]
-    if cell.architecture.name == "wan":
+    if cell.architecture.name in VIDEO:
         options += ["--frames", "1"]
     return options
 
@@ -198,7 +201,7 @@ def check_convert_to_diffusers(cell: Cell, world: World, tmp_path: Path) -> None
     out = tmp_path / "out.safetensors"
     assert all(not key.startswith("lora_") for key in load_file(str(out)))
     same_layers(world.adapter(cell), out, world.base(cell))
-    if cell.source == "folder" and cell.architecture.name != "pixart":  # diffusers has no PixArt LoRA loader
+    if cell.source == "folder" and cell.architecture.name not in NO_DIFFUSERS_LOADER:
         from tests.test_interop import assert_consumed
 
         pipe = world.diffusers_pipeline(cell)
@@ -257,11 +260,12 @@ def check_extract(cell: Cell, world: World, tmp_path: Path) -> None:
     extracted = read_for_base(tmp_path / "extracted.safetensors", base).tensors
     adapted = read_for_base(world.adapter(cell), base).tensors
     assert extracted and set(extracted) <= set(adapted)
-    for key in set(adapted) - set(extracted):  # layers two steps left at zero (no gradient reached them)
-        assert torch.equal(after.read_weight(key), before.read_weight(key)), key
+    for key in set(adapted) - set(extracted):  # layers two steps left at zero (no gradient reached them; DoRA
+        # re-normalises them, within rounding: the last Qwen-Image block's text stream feeds nothing)
+        torch.testing.assert_close(after.read_weight(key), before.read_weight(key), rtol=1e-5, atol=1e-7, msg=key)
     for key, named in list(extracted.items())[:3]:
         actual = after.read_weight(key).float() - before.read_weight(key).float()
-        torch.testing.assert_close(delta_weight(named, actual.shape), actual, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(delta_weight(named, actual.shape), actual, rtol=1e-3, atol=1e-5, msg=key)
     refused = run(cell, world, tmp_path)  # a model against itself: nothing to extract, one line
     assert refused.returncode == 2 and "nothing to extract" in refused.stderr.strip().splitlines()[-1]
 

@@ -128,7 +128,10 @@ def test_offloading_is_refused_where_it_cannot_work(train, extra, message, flux,
 
 def test_a_unet_is_refused_in_one_line(write_preset) -> None:
     result = run_command("train", str(write_preset(train={"offload_blocks": 1, "gradient_checkpointing": True})))
-    assert result.returncode == 2 and "offloading covers DiT bases" in result.stderr.strip().splitlines()[-1]
+    assert (
+        result.returncode == 2
+        and "offloading covers the diffusion-transformer bases" in result.stderr.strip().splitlines()[-1]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -144,13 +144,20 @@ def test_activation_count_matches_what_autograd_saves(targets: str, checkpointin
     assert 4 * elements == pytest.approx(saved, rel=0.1)
 
 
-DITS = ("flux", "sd3", "pixart", "wan")
+DITS = ("flux", "sd3", "pixart", "wan", "z-image", "qwen-image", "flux2", "hunyuan-video", "longcat-image")
 
 
 @pytest.fixture(scope="module")
 def tiny_dits(tiny_base):
     """The tiny DiT pipelines, built on first use (a few seconds each)."""
     return tiny_base
+
+
+LLM_TEXT = {"z-image": ("cap_feat_dim", "encoder_attention_mask"),
+            "qwen-image": ("joint_attention_dim", "encoder_hidden_states_mask"),
+            "flux2": ("joint_attention_dim", None), "longcat-image": ("joint_attention_dim", None),
+            "hunyuan-video": ("text_embed_dim", "encoder_attention_mask")}  # fmt: skip
+VIDEO = ("wan", "hunyuan-video")
 
 
 def _dit_forward(base, latents, text_tokens: int):
@@ -163,6 +170,15 @@ def _dit_forward(base, latents, text_tokens: int):
         text = torch.randn(1, text_tokens, config.caption_channels)
         conditioning = {"encoder_hidden_states": text, "encoder_attention_mask": torch.ones(1, text_tokens)}
         return base.architecture.predict(base.denoiser, latents, torch.tensor([500]), conditioning)
+    if name in LLM_TEXT:  # LLM hidden states and the mask of the real tokens (all real here)
+        width, mask = LLM_TEXT[name]
+        text = torch.randn(1, text_tokens, getattr(config, width))
+        conditioning = {"encoder_hidden_states": text}
+        if mask:
+            conditioning[mask] = torch.ones(1, text_tokens, dtype=torch.bool)
+        if name == "hunyuan-video":  # and CLIP's pooled output
+            conditioning["pooled_projections"] = torch.randn(1, config.pooled_projection_dim)
+        return base.architecture.predict(base.denoiser, latents, torch.tensor([0.5]), conditioning)
     conditioning = {"encoder_hidden_states": torch.randn(1, text_tokens, getattr(config, text_width or "text_dim"))}
     if text_width:
         conditioning["pooled_projections"] = torch.randn(1, config.pooled_projection_dim)
@@ -175,18 +191,20 @@ def _dit_forward(base, latents, text_tokens: int):
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("dit", DITS)
 def test_dit_activation_count_matches_what_autograd_saves(tiny_dits, dit: str, targets: str, checkpointing: bool):
-    """The DiT counts against autograd's saved tensors (float32 bytes), at 256 px (Wan: 9 frames at 128 px).
+    """The DiT counts against autograd's saved tensors (float32 bytes), at 256 px (video: 9 frames at 128 px).
     Measured (count / autograd, attention and full targets), without checkpointing: Flux 1.01, 0.98; SD3 1.02,
-    0.99; PixArt 1.01, 0.98; Wan 0.98, 0.98; with checkpointing: Flux 0.96, 0.96; SD3 0.98, 0.98; PixArt 0.97,
-    0.96; Wan 0.97, 0.96. What is left out is per-token statistics (norm scales, logsumexp), about 2-4% at
-    these 32-wide layers and well under 1% at real widths."""
+    0.99; PixArt 1.01, 0.98; Wan 0.98, 0.98; Z-Image 1.07, 1.02; Qwen-Image 1.06, 1.02; FLUX.2 1.00, 0.99;
+    HunyuanVideo 1.01, 0.97; with checkpointing: Flux 0.96, 0.96; SD3 0.98, 0.98; PixArt 0.97, 0.96; Wan 0.97,
+    0.96; Z-Image 0.98, 0.96; Qwen-Image 0.98, 0.98; FLUX.2 0.96, 0.97; HunyuanVideo 0.95, 0.93. What is left out
+    is per-token statistics (norm scales, logsumexp), about 2-4% at these 32-wide layers and well under 1% at
+    real widths."""
     import torch
 
     from lora_cli.adapters.injection import inject_adapter
     from lora_cli.models import load_base
     from lora_cli.planning.activations import DenoiserQuery
     from lora_cli.planning.adapter_size import adaptable_layers, select_targets
-    from lora_cli.planning.transformer_activations import DIT_MODELS
+    from lora_cli.planning.estimate import ACTIVATION_MODELS as DIT_MODELS
 
     spec = ModelSection(path=str(tiny_dits(dit)))
     section = AdapterSection(targets=targets)
@@ -196,7 +214,10 @@ def test_dit_activation_count_matches_what_autograd_saves(tiny_dits, dit: str, t
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    text_tokens, shape = 16, (1, 4, 3, 16, 16) if dit == "wan" else (1, 4, 32, 32)
+    # (FLUX.2's latents come 2x2-patched: 256 image tokens from 16 x 16 positions of 4 x 4 channels)
+    shapes = {"wan": (1, 4, 3, 16, 16), "hunyuan-video": (1, 4, 3, 16, 16), "z-image": (1, 16, 32, 32),
+              "longcat-image": (1, 16, 32, 32), "flux2": (1, 16, 16, 16)}  # fmt: skip
+    text_tokens, shape = 16, shapes.get(dit, (1, 4, 32, 32))
     saved = saved_bytes(model, lambda: _dit_forward(base, torch.randn(shape), text_tokens))
 
     inventory = read_inventory(spec)
@@ -205,7 +226,7 @@ def test_dit_activation_count_matches_what_autograd_saves(tiny_dits, dit: str, t
     vectors = {w.name: w.shape for w in weights if w.name.removesuffix(".weight") not in layers}
     names = select_targets(layers, section, base.architecture.target_presets, [], "transformer")
     assert set(names) == set(injected.targets["transformer"])
-    image_tokens = shape[2] * 16 * 16 // 4 if dit == "wan" else 32 * 32 // 4  # 2x2 patches
+    image_tokens = shape[2] * 16 * 16 // 4 if dit in VIDEO else 32 * 32 // 4  # 2x2 patches
     query = DenoiserQuery(layers, frozenset(names), 4, False, False, image_tokens, text_tokens, vectors)
     counted = DIT_MODELS[base.architecture.name].denoiser(query)
     elements = counted.checkpointed if checkpointing else counted.saved
@@ -240,14 +261,14 @@ def test_t5_count_matches_what_autograd_saves(tiny_dits, dit: str) -> None:
 def test_plan_reports_a_peak_for_each_dit(tiny_dits, write_preset, dit: str) -> None:
     from lora_cli.planning.report import plan_report
 
-    data = {"resolution": 256, "frames": 17} if dit == "wan" else {"resolution": 256}
+    data = {"resolution": 256, "frames": 17} if dit in VIDEO else {"resolution": 256}
     preset = load_preset(write_preset(model={"path": str(tiny_dits(dit))}, data=data))
     report = plan_report(preset, images=6)
     assert "GPU memory peak" in report and "Training on the CPU only instead: RAM peak" in report
     inventory, planned = read_inventory(preset.model), PlanSettings.from_preset(preset, 6)
     cpu = estimate_memory(inventory, planned, "cpu")  # on a GPU encoding the batch may outweigh activations
     activations = part(cpu, "activations")
-    assert any(p.name.startswith("activations") and ("17 frames" in p.name) is (dit == "wan") for p in cpu.ram_parts)
+    assert any(p.name.startswith("activations") and ("17 frames" in p.name) is (dit in VIDEO) for p in cpu.ram_parts)
     bigger = estimate_memory(inventory, replace(planned, resolution=512), "cpu")
     assert 0 < activations < part(bigger, "activations")  # four times the image tokens, as many text tokens
 

@@ -20,7 +20,7 @@ import torch
 from lora_cli.adapters.catalog import ModuleCatalog
 from lora_cli.adapters.keys import AdapterTensors, ModuleKey, to_diffusers, to_kohya
 from lora_cli.adapters.layouts import DENOISER, DIFFUSERS_METADATA_KEY, UNKNOWN, ParsedAdapter, parse_layout
-from lora_cli.adapters.registry import AdapterAlgorithm, detect_algorithm
+from lora_cli.adapters.registry import AdapterAlgorithm, detect_algorithm, exact_pattern
 from lora_cli.errors import AdapterError, printable
 from lora_cli.io.safetensors_file import load_tensors
 
@@ -360,7 +360,7 @@ def _diffusers_adapter_config(tensors: AdapterTensors) -> dict[str, object]:
         config[f"{component}.r"] = rank
         config[f"{component}.lora_alpha"] = alpha
         config[f"{component}.target_modules"] = sorted(modules)
-        config[f"{component}.rank_pattern"] = {m: r for m, r in ranks.items() if r != rank}
-        config[f"{component}.alpha_pattern"] = {m: a for m, a in alphas.items() if a != alpha}
+        config[f"{component}.rank_pattern"] = exact_pattern({m: r for m, r in ranks.items() if r != rank})
+        config[f"{component}.alpha_pattern"] = exact_pattern({m: a for m, a in alphas.items() if a != alpha})
         config[f"{component}.use_dora"] = any("dora_scale" in named for named in modules.values())
     return config

@@ -14,7 +14,7 @@ from torch import nn
 from lora_cli.adapters.keys import AdapterTensors
 from lora_cli.adapters.registry import AdapterAlgorithm, AdapterSpec, get_algorithm
 from lora_cli.adapters.targets import keep_late_blocks, resolve_targets
-from lora_cli.errors import AdapterError
+from lora_cli.errors import AdapterError, PresetError
 from lora_cli.sharded_tensors import shard_like
 
 if TYPE_CHECKING:
@@ -163,6 +163,11 @@ def plan_targets(base: LoadedBase, section: AdapterSection) -> dict[str, list[st
     if section.late:
         names = keep_late_blocks(names, architecture.blocks(components[denoiser]), section.late)
     plan = {denoiser: names}
+    if section.text_encoder and not architecture.trained_text_encoders:
+        raise PresetError(
+            f"adapter.text_encoder: {architecture.name}'s text encoder is a large language model that its LoRA "
+            "loaders do not read (the community trains the transformer only); set it to false"
+        )
     if section.text_encoder:
         for name in architecture.trained_text_encoders:
             te_patterns = section.text_encoder_targets or list(architecture.default_text_encoder_targets)

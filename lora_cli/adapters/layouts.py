@@ -15,6 +15,7 @@ Wan's) are converted with diffusers' converters by `lora_cli.adapters.files`, wh
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ PEFT_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.w
 KOHYA_TENSORS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 FACTOR_PREFIXES = ("lora_down", "lora_up", "hada_", "lokr_")
 LYCORIS_PREFIXES = ("hada_", "lokr_")
+PEFT_PARAMETER = re.compile(r"\.lora_([AB])\.default\.")  # a module's peft parameter under adapter name "default"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' loader looks for rank/alpha
 
 
@@ -56,6 +58,9 @@ def parse_layout(flat: dict[str, torch.Tensor], metadata: dict[str, str], source
     if all(key.startswith("base_model.model.") for key in keys):
         renamed = {f"{UNKNOWN}.{key.removeprefix('base_model.model.')}": value for key, value in flat.items()}
         return _paths("peft", renamed, metadata, source)
+    if all(PEFT_PARAMETER.search(key) for key in keys):  # DiffSynth-Studio: the denoiser's peft parameter names
+        renamed = {UNKNOWN + "." + PEFT_PARAMETER.sub(r".lora_\1.", key): value for key, value in flat.items()}
+        return _paths("diffsynth", renamed, metadata, source)
     if all(key.startswith("diffusion_model.") for key in keys):
         renamed = {f"{DENOISER}.{key.removeprefix('diffusion_model.')}": value for key, value in flat.items()}
         return _paths("comfyui", renamed, metadata, source)

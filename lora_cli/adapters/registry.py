@@ -42,8 +42,10 @@ def common_peft_kwargs(spec: AdapterSpec, target_modules: list[str]) -> dict[str
 
 
 def exact_pattern(pattern: dict[str, Any]) -> dict[str, Any]:
-    """peft reads pattern keys as regexes matched at a name's end; escape full names so dots are literal."""
-    return {re.escape(name): value for name, value in pattern.items()}
+    """peft (and diffusers' loader through it) reads pattern keys as regexes matched at a name's end, so a bare
+    `time_text_embed.linear` would also set HunyuanVideo's `context_embedder.time_text_embed.linear`: keys are
+    the full names escaped (dots literal) and anchored at the start."""
+    return {"^" + re.escape(name): value for name, value in pattern.items()}
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,10 @@ class ModelSection(Section):
     max_text_tokens: int | None = Field(
         None,
         gt=0,
-        description="Token limit of T5-family text encoders (Flux, SD3, PixArt, Wan); longer captions are cut. "
-        "Default: the base's (Flux 512 — use 256 for FLUX.1 schnell —, SD3 256, PixArt-Sigma 300, Wan 512).",
+        description="Token limit of T5-family and LLM text encoders (Flux, FLUX.2, SD3, PixArt, Wan, HunyuanVideo, "
+        "Qwen-Image, Z-Image, LongCat-Image); longer captions are cut. Default: the base's (Flux 512 — use 256 for "
+        "FLUX.1 schnell —, SD3 256, PixArt-Sigma 300, HunyuanVideo 256, Wan, Qwen-Image, Z-Image, LongCat-Image and "
+        "FLUX.2 512).",
     )
     allow_pickle: bool = Field(
         False,

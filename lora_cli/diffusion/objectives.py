@@ -17,6 +17,8 @@ import torch
 from lora_cli.diffusion.losses import min_snr_weights, prediction_target, sample_timesteps, snr
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from lora_cli.config.schema import FlowSection
 
 
@@ -78,8 +80,12 @@ def flow_weights(sigmas: torch.Tensor, weighting: str) -> torch.Tensor:
     return torch.ones_like(sigmas)
 
 
-def resolution_shift(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """Flux's resolution-dependent shift: log-shift linear in the number of image tokens, from `base_shift` at
-    256 tokens to `max_shift` at 4096, as a multiplicative shift exp(mu)."""
-    slope = (max_shift - base_shift) / (4096 - 256)
-    return math.exp(base_shift + slope * (image_tokens - 256))
+def resolution_shift(image_tokens: int, scheduler_config: Mapping[str, Any]) -> float:
+    """The resolution-dependent shift of Flux-style schedulers (`use_dynamic_shifting`): log-shift linear in
+    the number of image tokens, from `base_shift` at `base_image_seq_len` tokens to `max_shift` at
+    `max_image_seq_len` (the scheduler's values; FLUX.1's 0.5 at 256 to 1.15 at 4096 where it names none), as
+    a multiplicative shift exp(mu)."""
+    low, high = scheduler_config.get("base_image_seq_len") or 256, scheduler_config.get("max_image_seq_len") or 4096
+    base_shift, max_shift = scheduler_config.get("base_shift") or 0.5, scheduler_config.get("max_shift") or 1.15
+    slope = (max_shift - base_shift) / (high - low)
+    return math.exp(base_shift + slope * (image_tokens - low))

@@ -56,6 +56,7 @@ class Architecture(Protocol):
     single_file: bool  # whether single-file checkpoints of it are read (and written by lora-merge)
     caption_tokenizer: str  # the tokenizer component whose limit bounds what of a caption the model reads
     flow_matching: bool  # trained as a rectified flow (SD3, Flux, Wan) rather than with DDPM timesteps
+    cfg_parameter: str  # the pipeline call's classifier-free guidance scale (Qwen-Image: `true_cfg_scale`)
 
     def matches(self, pipeline_class: str) -> bool: ...
 

@@ -40,3 +40,14 @@ def latents_from_encoding(encoding: torch.Tensor, noise: torch.Tensor, scaling: 
     mean, logvar = encoding.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     return (mean + std * noise - shift) * scaling
+
+
+def channel_normalised_latents(encoding: torch.Tensor, noise: torch.Tensor, vae_config: Any) -> torch.Tensor:
+    """A sample of the latent distribution normalised per channel with the VAE's `latents_mean` and
+    `latents_std` (Wan's and Qwen-Image's causal VAEs; their pipelines decode latents * std + mean)."""
+    mean, logvar = encoding.chunk(2, dim=1)
+    sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+    view = (1, -1) + (1,) * (sample.dim() - 2)
+    channel_mean = torch.tensor(vae_config.latents_mean, device=sample.device).view(view)
+    channel_std = torch.tensor(vae_config.latents_std, device=sample.device).view(view)
+    return (sample - channel_mean) / channel_std

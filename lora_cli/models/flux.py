@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.naming import KohyaComponent
+from lora_cli.models.patches import pack_patches, unpack_patches, unpack_pipeline_latents
 from lora_cli.models.tokens import padded_tokens
 from lora_cli.models.transformer_base import DiffusionTransformer
 
@@ -84,20 +84,14 @@ class Flux(DiffusionTransformer):
         return {"guidance": torch.full((len(geometry),), preset.flow.guidance, device=device)}
 
     def latents_from_pipeline(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The pipeline's packed tokens (2x2 latent patches) back to [B, C, h, w]."""
-        batch, tokens, features = latents.shape
-        rows = round(math.sqrt(tokens * height / width))
-        columns, channels = tokens // rows, features // 4
-        unpacked = latents.reshape(batch, rows, columns, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return unpacked.reshape(batch, channels, rows * 2, columns * 2)
+        return unpack_pipeline_latents(latents, height, width)
 
     def predict(
         self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict
     ) -> torch.Tensor:
         """Pack 2x2 latent patches into tokens, run the transformer at noise level sigma, unpack."""
-        batch, channels, height, width = noisy_latents.shape
-        packed = noisy_latents.reshape(batch, channels, height // 2, 2, width // 2, 2)
-        packed = packed.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // 2) * (width // 2), channels * 4)
+        height, width = noisy_latents.shape[2:]
+        packed = pack_patches(noisy_latents)
         image_ids = torch.zeros(height // 2, width // 2, 3, device=packed.device)
         image_ids[..., 1] += torch.arange(height // 2, device=packed.device)[:, None]
         image_ids[..., 2] += torch.arange(width // 2, device=packed.device)[None, :]
@@ -112,5 +106,4 @@ class Flux(DiffusionTransformer):
             img_ids=image_ids.reshape(-1, 3).to(packed.dtype),
             return_dict=False,
         )[0]
-        output = output.reshape(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return output.reshape(batch, channels, height, width)
+        return unpack_patches(output, height // 2, width // 2)

@@ -5,11 +5,16 @@ from __future__ import annotations
 from lora_cli.errors import ModelLoadError
 from lora_cli.models.base import Architecture
 from lora_cli.models.flux import Flux
+from lora_cli.models.flux2 import Flux2
+from lora_cli.models.hunyuan_video import HunyuanVideo
+from lora_cli.models.longcat_image import LongCatImage
 from lora_cli.models.pixart import PixArt
+from lora_cli.models.qwen_image import QwenImage
 from lora_cli.models.sd3 import StableDiffusion3
 from lora_cli.models.stable_diffusion import StableDiffusion
 from lora_cli.models.stable_diffusion_xl import StableDiffusionXL
 from lora_cli.models.wan import Wan
+from lora_cli.models.z_image import ZImage
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     StableDiffusion(),
@@ -18,6 +23,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     StableDiffusion3(),
     PixArt(),
     Wan(),
+    ZImage(),
+    QwenImage(),
+    Flux2(),
+    HunyuanVideo(),
+    LongCatImage(),
 )
 
 

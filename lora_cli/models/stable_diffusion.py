@@ -41,6 +41,7 @@ class StableDiffusion:
     caption_tokenizer = "tokenizer"  # CLIP (SDXL: CLIP-L), whose 77 tokens bound a caption
     single_file = True  # the original (LDM) single-file checkpoints A1111 and ComfyUI load
     flow_matching = False  # DDPM timesteps and noise schedule
+    cfg_parameter = "guidance_scale"
     text_encoder_classes = {"text_encoder": "tokenizer"}  # text encoder component -> its tokenizer component
 
     def matches(self, pipeline_class: str) -> bool:

@@ -34,6 +34,8 @@ class DiffusionTransformer:
     native_resolution = 1024
     default_shift = "scheduler"  # flow.shift when unset: the scheduler's shift, or "auto" (resolution-dependent)
     flow_matching = True  # rectified flow (velocity, sigmas in (0, 1)) rather than DDPM timesteps
+    cfg_parameter = "guidance_scale"  # what `--guidance` sets (the embedded guidance of Flux dev, HunyuanVideo)
+    latent_patch = 4  # latent positions per transformer token (2x2 patches; 1 where the latents come patched)
 
     def matches(self, pipeline_class: str) -> bool:
         return pipeline_class in {self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline")}
@@ -95,11 +97,11 @@ class DiffusionTransformer:
         """Flow matching with `flow.shift`: a number, `auto` (from the image-token count: 2x2 latent patches,
         per frame for video) or, unset, the architecture's default."""
         shift = preset.flow.shift if preset.flow.shift is not None else self.default_shift
+        config = base.pipeline_extras["scheduler"].config
         if shift == "scheduler":
-            config = base.pipeline_extras["scheduler"].config
             shift = config.get("shift") or config.get("flow_shift") or 3.0
         elif shift == "auto":
-            shift = resolution_shift(math.prod(latents.shape[2:]) // 4)
+            shift = resolution_shift(math.prod(latents.shape[2:]) // self.latent_patch, config)
         return FlowMatchingObjective(preset.flow, float(shift))
 
     def extra_conditioning(

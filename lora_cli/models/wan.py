@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.components import channel_normalised_latents
 from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.tokens import padded_tokens
 from lora_cli.models.transformer_base import DiffusionTransformer
@@ -48,14 +49,7 @@ class Wan(DiffusionTransformer):
         return {"encoder_hidden_states": states * batch.attention_mask[..., None].to(states.dtype)}
 
     def latents_from_encoding(self, base: LoadedBase, encoding: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """A sample of the video latent distribution, normalised per channel with the VAE's mean and std."""
-        mean, logvar = encoding.chunk(2, dim=1)
-        sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-        config = base.pipeline_extras["vae_config"]
-        view = (1, -1, 1, 1, 1)
-        channel_mean = torch.tensor(config.latents_mean, device=sample.device).view(view)
-        channel_std = torch.tensor(config.latents_std, device=sample.device).view(view)
-        return (sample - channel_mean) / channel_std
+        return channel_normalised_latents(encoding, noise, base.pipeline_extras["vae_config"])
 
     def predict(
         self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict

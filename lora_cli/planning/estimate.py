@@ -21,6 +21,7 @@ from lora_cli.models.quantize import stored_bytes
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
 from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory, Weight
+from lora_cli.planning.llm_dit_activations import LLM_DIT_MODELS
 from lora_cli.planning.offload import HOST_LINK_GBPS, at_once, copy_note, offloaded_block_bytes, streamed_bytes
 from lora_cli.planning.transformer_activations import DIT_MODELS
 from lora_cli.training.encoders import CACHE_BATCH
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from lora_cli.config.schema import Preset
     from lora_cli.models.base import Architecture
 
-ACTIVATION_MODELS: dict[str, ActivationModel] = {**UNET_MODELS, **DIT_MODELS}  # by `Architecture.name`
+ACTIVATION_MODELS: dict[str, ActivationModel] = UNET_MODELS | DIT_MODELS | LLM_DIT_MODELS  # by Architecture.name
 DEVICES = ("cuda", "cpu")
 MiB = 2**20
 

@@ -11,7 +11,8 @@ from lora_cli.planning.inventory import Weight
 # Host-to-GPU copies from pinned memory: about 25 GB/s on PCIe 4.0 x16 and 12 GB/s on PCIe 3.0 x16 (or 4.0 x8,
 # as on several consumer cards); the default is between them. `--plan --host-link GBPS` states the machine's.
 HOST_LINK_GBPS = 20.0
-_ENCODER_BLOCK = re.compile(r"^(.*?\.(?:block|blocks|layers)\.\d+)\.")  # T5's encoder.block.N, CLIP's layers.N
+# T5's encoder.block.N, CLIP's text_model.encoder.layers.N, Qwen3's layers.N
+_ENCODER_BLOCK = re.compile(r"^((?:.*?\.)?(?:block|blocks|layers)\.\d+)\.")
 
 Stored = Callable[[Weight], float]  # bytes one weight takes once loaded
 

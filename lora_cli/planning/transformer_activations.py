@@ -40,7 +40,18 @@ from lora_cli.planning.activations import (
 )
 
 # Layers whose outputs condition every block: an adapter on one makes the AdaLN modulation need gradients.
-CONDITIONING = ("time_text_embed.", "adaln_single.", "condition_embedder.time")
+CONDITIONING = (
+    "time_text_embed.",
+    "adaln_single.",
+    "condition_embedder.time",
+    "t_embedder.",
+    "time_guidance_embed.",
+    "double_stream_modulation_",
+    "single_stream_modulation.",
+)
+# A block's own modulation layers (Flux/SD3 `norm1.linear`, PixArt `scale_shift_table`, Qwen-Image `img_mod`,
+# Z-Image `adaLN_modulation`).
+MODULATION = ("norm", "scale_shift", "img_mod", "txt_mod", "adaLN_modulation")
 
 
 def flux_activations(query: DenoiserQuery) -> Activations:
@@ -90,21 +101,28 @@ def wan_activations(query: DenoiserQuery) -> Activations:
     return _total(query, stages, shared=_text_states(query, width))
 
 
-def _joint_block(query: DenoiserQuery, prefix: str, width: int, out_copy: bool, qk_norm: bool) -> _Stage:
+def _joint_block(
+    query: DenoiserQuery,
+    prefix: str,
+    width: int,
+    out_copy: bool,
+    qk_norm: bool,
+    mlps: tuple[str, str] = ("ff", "ff_context"),
+) -> _Stage:
     """An MMDiT block: each stream (image `n`, text `M` tokens) normalised and projected on its own, one joint
-    attention over both, then each stream's feed-forward (the last SD3 block has no text feed-forward)."""
+    attention over both, then each stream's feed-forward, named `mlps` (the last SD3 block has no text one)."""
     layers, n, m = query.layers, query.latent_tokens, query.text_tokens
     joint, cond = n + m, _conditioned(query, prefix)
     kept = (4 + (2 if qk_norm else 0)) * width * joint  # SDPA q, k, v, output; RMS q/k norm inputs
     if out_copy and _adapted(query, f"{prefix}.attn.to_out.0", f"{prefix}.attn.to_add_out"):
         kept += width * joint
-    streams = [("", "to_q", "to_k", "to_v", n), ("_context", "add_q_proj", "add_k_proj", "add_v_proj", m)]
-    for suffix, *projections, tokens in streams:
+    streams = [(mlps[0], "to_q", "to_k", "to_v", n), (mlps[1], "add_q_proj", "add_k_proj", "add_v_proj", m)]
+    for mlp, *projections, tokens in streams:
         kept += width * tokens * (1 + cond)  # norm1 input; the normalised tensor when the modulation trains
         kept += width * tokens * _adapted(query, *(f"{prefix}.attn.{name}" for name in projections))
-        if f"{prefix}.ff{suffix}.net.0.proj" in layers:
+        if f"{prefix}.{mlp}.net.0.proj" in layers:
             kept += width * tokens * (1 + 3 * cond)  # norm2; normalised, and both gates' other operands
-            kept += _feed_forward(query, f"{prefix}.ff{suffix}.net", width, tokens)
+            kept += _feed_forward(query, f"{prefix}.{mlp}.net", width, tokens)
     if f"{prefix}.attn2.to_q" in layers:  # SD3.5 medium's second image self-attention (no tiny model checks it)
         kept += width * n * (6 + 2 * cond + _adapted(query, *(f"{prefix}.attn2.to_{x}" for x in "qkv")))
     kept += _ranks(query, prefix, _joint_tokens)
@@ -193,7 +211,7 @@ def _total(query: DenoiserQuery, stages: list[_Stage], rope: float = 0.0, shared
 def _conditioned(query: DenoiserQuery, prefix: str) -> bool:
     """Whether the block's AdaLN modulation needs a gradient: an adapter on a conditioning layer or its own
     modulation layer."""
-    own = (f"{prefix}.norm", f"{prefix}.scale_shift") if prefix else ()
+    own = tuple(f"{prefix}.{name}" for name in MODULATION) if prefix else ()
     return any(name.startswith((*CONDITIONING, *own)) for name in query.adapted)
 
 
@@ -203,11 +221,11 @@ def _adapted(query: DenoiserQuery, *names: str) -> bool:
 
 def _joint_tokens(query: DenoiserQuery, name: str) -> int:
     """Tokens an MMDiT layer sees: modulation layers one, text-stream layers `M`, single blocks `T`, else `n`."""
-    if ".norm" in name:
+    if any(f".{part}" in name for part in MODULATION):
         return 1
     if name.startswith("single_transformer_blocks."):
         return query.latent_tokens + query.text_tokens
-    if any(part in name for part in (".add_", ".to_add_out", ".ff_context.")):
+    if any(part in name for part in (".add_", ".to_add_out", ".ff_context.", ".txt_mlp.")):
         return query.text_tokens
     return query.latent_tokens
 

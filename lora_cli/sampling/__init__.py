@@ -8,6 +8,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from lora_cli.errors import SamplingError
+
 BATCH = 16
 MIN_CELL = 96
 
@@ -31,18 +33,22 @@ def generate_images(
     frames: int | None = None,
     text_tokens: int | None = None,
     final_latents: list[Any] | None = None,
+    guidance_parameter: str = "guidance_scale",
 ) -> list[Image.Image]:
     """Image i draws prompts[i] from seeds[i]; batched, and the same arguments always give the same images.
     `steps` and `guidance_scale` left None take the pipeline's defaults; `text_tokens` is the T5 sequence length
     for pipelines that take one (what the adapter was trained with). Video pipelines draw `frames` frames,
     returned as one strip image per video (frames left to right). `final_latents`, when given, receives each
-    image's latents after the last step, as the pipeline holds them ([1, ...] each)."""
+    image's latents after the last step, as the pipeline holds them ([1, ...] each). `guidance_parameter` is the
+    call parameter `guidance_scale` sets (the architecture's `cfg_parameter`: Qwen-Image's `true_cfg_scale`)."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
     accepted = signature(pipeline.__call__).parameters
     # PixArt's pipeline snaps sizes to its training bins by default; lora-cli draws exactly the size asked.
     options: dict[str, Any] = {"use_resolution_binning": False} if "use_resolution_binning" in accepted else {}
+    if "enable_prompt_rewrite" in accepted:  # LongCat-Image rewrites captions with its LLM unless told not to
+        options["enable_prompt_rewrite"] = False
     if frames is not None and "num_frames" in accepted:
         options["num_frames"] = frames
     if text_tokens is not None and "max_sequence_length" in accepted:
@@ -50,22 +56,41 @@ def generate_images(
     if steps is not None:
         options["num_inference_steps"] = steps
     if guidance_scale is not None:
-        options["guidance_scale"] = guidance_scale
+        options[guidance_parameter] = guidance_scale
+    # true CFG runs only with a negative prompt; " " is the one Qwen-Image's own examples use
+    negative_prompt = negative_prompt or (" " if guidance_parameter == "true_cfg_scale" else "")
+    if negative_prompt and "negative_prompt" not in accepted:
+        raise SamplingError(
+            f"{type(pipeline).__name__} takes no negative prompt (it draws with its own empty one); leave it out"
+        )
     latest: dict[str, Any] = {}
-    if final_latents is not None:
 
-        def keep_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            latest["latents"] = tensors["latents"].detach().cpu()
-            return tensors
+    def watch(step: int, latents: Any) -> None:
+        """Stop at the first non-finite step (it would decode to a black image); keep the last latents."""
+        if not torch.isfinite(latents).all():
+            raise SamplingError(
+                f"the latents became non-finite at denoising step {step + 1}: the adapters' scales push the model "
+                "out of range, or the scheduler cannot draw in this few steps (give more --steps)"
+            )
+        if final_latents is not None:
+            latest["latents"] = latents.detach().cpu()
 
-        options.update(callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
+    if "callback_on_step_end" in accepted:
+        options.update(
+            callback_on_step_end=lambda pipe, step, timestep, tensors: watch(step, tensors["latents"]) or tensors,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+    elif "callback" in accepted:  # PixArt's older per-step callback
+        options.update(callback=lambda step, timestep, latents: watch(step, latents), callback_steps=1)
+    elif final_latents is not None:
+        raise SamplingError(f"{type(pipeline).__name__} has no step callback to hand back its final latents")
     images: list[Image.Image] = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + BATCH]]
         if negative_prompt:  # otherwise each pipeline's own default (None, or "" for PixArt)
             options["negative_prompt"] = [negative_prompt] * len(chunk)
-        result = pipeline(chunk, height=size, width=size, generator=generators, **options)
+        result = pipeline(prompt=chunk, height=size, width=size, generator=generators, **options)
         images += result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
         if final_latents is not None:
             final_latents += list(latest.pop("latents").split(1))
@@ -75,11 +100,17 @@ def generate_images(
 
 
 def frame_strip(video: Any) -> Image.Image:
-    """A video (frames x H x W x 3, floats in [0, 1]) as one image of its frames side by side."""
+    """A video (frames as PIL images, or H x W x 3 floats in [0, 1], as pipelines return them by default) as one
+    image of its frames side by side."""
     import numpy as np
 
-    pixels = (np.clip(np.asarray(video, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(np.concatenate(list(pixels), axis=1))
+    frames = [
+        np.asarray(frame.convert("RGB"))
+        if isinstance(frame, Image.Image)
+        else (np.clip(np.asarray(frame, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+        for frame in video
+    ]
+    return Image.fromarray(np.concatenate(frames, axis=1))
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:

@@ -118,7 +118,11 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
         steps=request.steps or sampler.steps or pipeline_default(pipeline, "num_inference_steps"),
         guidance_scale=next(
             value
-            for value in (request.guidance_scale, sampler.guidance_scale, pipeline_default(pipeline, "guidance_scale"))
+            for value in (
+                request.guidance_scale,
+                sampler.guidance_scale,
+                pipeline_default(pipeline, base.architecture.cfg_parameter),
+            )
             if value is not None
         ),
         size=request.size or base.architecture.native_size(base),
@@ -144,6 +148,7 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
                 request.negative_prompt,
                 settings.size,
                 on_batch=lambda count: progress.advance(task, count),
+                guidance_parameter=base.architecture.cfg_parameter,
                 frames=request.frames,
                 text_tokens=settings.text_tokens,
             )

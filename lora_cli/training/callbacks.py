@@ -241,6 +241,7 @@ class Previews:
                 session.preset.data.resolution,
                 frames=session.preset.data.frames,
                 text_tokens=session.base.pipeline_extras.get("text_tokens"),
+                guidance_parameter=session.base.architecture.cfg_parameter,
             )
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)

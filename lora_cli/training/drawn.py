@@ -78,6 +78,7 @@ def draw_into_folder(
             drawing.resolution,
             text_tokens=base.pipeline_extras.get("text_tokens"),
             final_latents=latents,
+            guidance_parameter=base.architecture.cfg_parameter,
         )
     size = drawing.resolution
     if latents is not None:

@@ -125,8 +125,8 @@ def offload_denoiser(base: LoadedBase, count: int, device: torch.device) -> Bloc
     architecture = base.architecture
     if architecture.denoiser_name != "transformer":
         raise PresetError(
-            f"train.offload_blocks: {architecture.name} is a UNet; offloading covers DiT bases (Flux, SD3, PixArt, "
-            "Wan), whose blocks are what gradient checkpointing recomputes. Set it to 0 (use model.quantize to save "
+            f"train.offload_blocks: {architecture.name} is a UNet; offloading covers the diffusion-transformer "
+            "bases, whose blocks are what gradient checkpointing recomputes. Set it to 0 (use model.quantize to save "
             "memory)"
         )
     names = architecture.blocks(base.denoiser)
