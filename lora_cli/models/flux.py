@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from lora_cli.diffusion.geometry import CropGeometry
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# the feed-forwards of both streams and the single blocks' fused MLP/output projections
+FEED_FORWARD = (
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+    "single_transformer_blocks.*.proj_out",
+)  # fmt: skip
+TARGET_PRESETS = {"attention": ATTENTION, "attention_ff": (*ATTENTION, *FEED_FORWARD), "full": ("*",)}
+
+
 class Flux(DiffusionTransformer):
     name = "flux"
     pipeline_class = "FluxPipeline"
@@ -24,21 +33,7 @@ class Flux(DiffusionTransformer):
     default_text_tokens = 512  # Flux dev's T5 limit (schnell was trained with 256)
     default_shift = "auto"  # Flux's resolution-dependent shift
     text_encoder_classes = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # CLIP, T5
-    attention = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    target_presets = {
-        "attention": attention,
-        # + the feed-forwards of both streams and the single blocks' fused MLP/output projections
-        "attention_ff": (
-            *attention,
-            "ff.net.0.proj",
-            "ff.net.2",
-            "ff_context.net.0.proj",
-            "ff_context.net.2",
-            "proj_mlp",
-            "single_transformer_blocks.*.proj_out",
-        ),  # fmt: skip
-        "full": ("*",),
-    }
+    target_presets = TARGET_PRESETS
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP only
     trained_text_encoders = ("text_encoder",)  # CLIP; the community leaves T5 frozen
     # diffusers module names (the default file layout for DiTs is diffusers', which ComfyUI also loads).

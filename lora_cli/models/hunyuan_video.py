@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.flux import FEED_FORWARD
 from lora_cli.models.hunyuan_video_layouts import original_to_diffusers
 from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.tokens import padded_tokens
@@ -38,17 +39,12 @@ class HunyuanVideo(DiffusionTransformer):
     native_resolution = 544  # the 540p bucket
     target_presets = {
         "attention": ATTENTION,
-        # + both streams' MLPs and the single blocks' MLP-in and fused output: every Linear of the double and
-        # single blocks but the modulation (musubi-tuner's default)
+        # + Flux's feed-forward set, the double blocks' `ff` named by path (the token refiner has an `ff` too):
+        # every Linear of the double and single blocks but the modulation (musubi-tuner's default)
         "attention_ff": (
             *ATTENTION,
-            "transformer_blocks.*.ff.net.0.proj",
-            "transformer_blocks.*.ff.net.2",
-            "ff_context.net.0.proj",
-            "ff_context.net.2",
-            "proj_mlp",
-            "single_transformer_blocks.*.proj_out",
-        ),  # fmt: skip
+            *(f"transformer_blocks.*.{n}" if n.startswith("ff.") else n for n in FEED_FORWARD),
+        ),
         "full": ("*",),
     }
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lora_cli.models.base import LoadedBase
+from lora_cli.models.flux import TARGET_PRESETS
 from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.patches import pack_patches, unpack_patches, unpack_pipeline_latents
 from lora_cli.models.transformer_base import DiffusionTransformer
@@ -19,7 +20,6 @@ PROMPT_PREFIX = (
     "content, suitable for input to a text-to-image model.<|im_end|>\n<|im_start|>user\n"
 )
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 class LongCatImage(DiffusionTransformer):
@@ -28,19 +28,7 @@ class LongCatImage(DiffusionTransformer):
     text_encoder_classes = {"text_encoder": "tokenizer"}  # Qwen2.5-VL-7B
     default_text_tokens = 512  # the pipeline's tokenizer_max_length: every caption is padded to it
     default_shift = "auto"  # exp(mu) from the image-token count, with the scheduler's constants
-    target_presets = {
-        "attention": ATTENTION,
-        "attention_ff": (
-            *ATTENTION,
-            "ff.net.0.proj",
-            "ff.net.2",
-            "ff_context.net.0.proj",
-            "ff_context.net.2",
-            "proj_mlp",
-            "single_transformer_blocks.*.proj_out",
-        ),  # fmt: skip
-        "full": ("*",),
-    }
+    target_presets = TARGET_PRESETS  # Flux's blocks and module names
     default_text_encoder_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     trained_text_encoders = ()  # LongCat's own trainer and SimpleTuner keep Qwen2.5-VL frozen
     # Written for LoHa/LoKr with diffusers' module names, as for Flux. The text-encoder entry is never written.
