@@ -265,3 +265,54 @@ def test_longcat_image_stock_pipeline_draws_the_merged_adapter_as_lora_sample(ti
                  generator=torch.Generator().manual_seed(0), enable_prompt_rewrite=False).images[0]  # fmt: skip
     assert np.abs(drawn["adapted"] - drawn["plain"]).max() > 5
     assert np.abs(np.asarray(image, dtype=np.int16) - drawn["adapted"]).max() <= 1
+
+
+def test_hunyuan_video_exports_tencents_fused_names_for_comfyui(tiny_base, clips: Path, tmp_path: Path) -> None:
+    """`lora-convert --to original` writes a HunyuanVideo LoRA in the names ComfyUI maps for it (`diffusion_model.`
+    + Tencent's fused modules): every layer's update is kept exactly (read back through the converter, merged
+    into the same weights); what the names cannot hold is refused in one line."""
+    from lora_cli.adapters.functional import delta_weight
+    from tests.conftest import read_for_base
+
+    base = tiny_base("hunyuan-video")
+    raw = {
+        "model": {"path": str(base), "max_text_tokens": 16},
+        "data": {"folder": str(clips), "resolution": 32, "frames": 5},
+        "adapter": {"rank": 4, "alpha": 2, "targets": "attention_ff"},
+        "train": {"steps": 2, "learning_rate": 3e-2, "batch_size": 2},
+        "output": {"dir": str(tmp_path / "run"), "name": "hv"},
+    }
+    adapter = train_preset(raw, "hv")
+    exported = tmp_path / "original.safetensors"
+    result = run_command("convert", str(adapter), str(exported), "--to", "original")
+    assert result.returncode == 0, result.stderr
+    keys = set(load_file(exported))
+    assert all(key.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")) for key in keys)
+    assert {"diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight",
+            "diffusion_model.single_blocks.0.linear1.lora_B.weight"} <= keys  # fmt: skip
+    trained, back = read_for_base(adapter, base).tensors, read_for_base(exported, base).tensors
+    assert trained.keys() == back.keys()
+    for key, named in trained.items():
+        shape = (named["lora_up.weight"].shape[0], named["lora_down.weight"].shape[1])
+        torch.testing.assert_close(delta_weight(back[key], shape), delta_weight(named, shape), rtol=1e-5, atol=1e-7)
+    ours = merged_by_lora_cli(base, exported, tmp_path / "merged")["transformer"]
+    reference = merged_by_lora_cli(base, adapter, tmp_path / "reference")["transformer"]
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6)
+    # what the names cannot hold: a DoRA magnitude, a module outside the blocks, another architecture's LoRA
+    flat = load_file(adapter)
+    module = next(key for key in flat if key.endswith(".lora_B.weight")).removesuffix(".lora_B.weight")
+    flat[f"{module}.lora_magnitude_vector"] = torch.ones(flat[f"{module}.lora_B.weight"].shape[0])
+    save_file(flat, str(tmp_path / "dora.safetensors"))
+    outside = random_layers({"transformer.proj_out": (16, 32)}, 4, 1, ("lora_A", "lora_B"))
+    save_file({k: v for k, v in outside.items() if not k.endswith(".alpha")}, str(tmp_path / "outside.safetensors"))
+    flux = tiny_base("flux")
+    width = load_file(str(flux / "transformer" / "diffusion_pytorch_model.safetensors"))["x_embedder.weight"].shape[0]
+    layers = random_layers({"transformer.transformer_blocks.0.attn.to_q": (width, width)}, 4, 2, ("lora_A", "lora_B"))
+    save_file({k: v for k, v in layers.items() if not k.endswith(".alpha")}, str(tmp_path / "flux.safetensors"))
+    for name, extra, message in (("dora", ["--base", str(base)], "LoRA on the transformer only"),
+                                 ("outside", ["--base", str(base)], "double and single blocks only, not proj_out"),
+                                 ("flux", ["--base", str(flux)], "the original layout is HunyuanVideo's")):  # fmt: skip
+        result = run_command("convert", str(tmp_path / f"{name}.safetensors"), str(tmp_path / "x.safetensors"),
+                             "--to", "original", *extra)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr[-600:]

@@ -323,7 +323,8 @@ def write_adapter(
 
     `tensors` are in peft's convention; the kohya layout applies the algorithm's file convention
     (LyCORIS `dora_scale` shapes, LoKr scale folding) so A1111/ComfyUI compute the same update. The diffusers
-    layout records rank and alpha where diffusers' loader reads them."""
+    layout records rank and alpha where diffusers' loader reads them; the original layout is the architecture's
+    own module names (HunyuanVideo's, which ComfyUI reads)."""
     from lora_cli.io.safetensors_file import save_tensors
 
     refused = algorithm.layout_refusal(file_format)
@@ -333,6 +334,8 @@ def write_adapter(
     if file_format == "kohya":
         exported = {key: algorithm.to_file(named, float(named["alpha"]), ranks[key]) for key, named in tensors.items()}
         flat = to_kohya(exported, kohya_table or architecture.kohya_table)
+    elif file_format == "original":
+        flat = architecture.original_layout(tensors)
     else:
         peft_names = {file: peft for peft, file in algorithm.tensor_names.items()}
         flat = to_diffusers({key: _peft_magnitude(named) for key, named in tensors.items()}, peft_names)

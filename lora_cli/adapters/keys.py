@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 ModuleKey = tuple[str, str]
 AdapterTensors = dict[ModuleKey, dict[str, "torch.Tensor"]]
-FILE_FORMATS = ("kohya", "diffusers")  # the key layouts lora-cli writes
+# The key layouts training writes (`output.format`); `lora-convert --to original` also writes an architecture's own
+# fused module names (HunyuanVideo's, the only ones ComfyUI maps for it).
+FILE_FORMATS = ("kohya", "diffusers")
 
 
 def to_kohya(tensors: AdapterTensors, table: KohyaTable) -> dict[str, torch.Tensor]:

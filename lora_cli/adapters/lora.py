@@ -54,7 +54,7 @@ for _name, _marker, _targets in (("lora", "lora_down.weight", "attention"), ("lo
             rank_from_file=lambda named: int(named["lora_down.weight"].shape[0]),
             complete=lambda names: {"lora_down.weight", "lora_up.weight"} <= names,
             to_file=_dora_scale_to_file,
-            formats=("kohya", "diffusers"),
+            formats=("kohya", "diffusers", "original"),
             dora=True,
             dropout=True,
             quantized_base=True,

@@ -1,4 +1,5 @@
-"""`lora-convert IN OUT --to kohya|diffusers`: change an adapter's key layout, exactly."""
+"""`lora-convert IN OUT --to kohya|diffusers|original`: change an adapter's key layout, exactly (`original`,
+HunyuanVideo's fused module names for ComfyUI, keeps every layer's update exactly, not its factors)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 
 @app.command(
     help="Rewrite an adapter (any layout lora-cli reads) in the kohya (A1111/ComfyUI) or diffusers (peft) key "
-    "layout. Kohya files without lora-cli metadata need --base to spell their module names."
+    "layout, or for HunyuanVideo in its original fused module names (`original`: what ComfyUI reads for it). "
+    "Kohya files without lora-cli metadata need --base to spell their module names."
 )
 def convert(
     adapter: Annotated[Path, typer.Argument(help="The adapter file.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="The file to write.", show_default=False)],
-    to: Annotated[Literal["kohya", "diffusers"], typer.Option("--to", help="Target layout.")],
+    to: Annotated[Literal["kohya", "diffusers", "original"], typer.Option("--to", help="Target layout.")],
     base: BaseOption = None,
 ) -> None:
     from lora_cli.toolbox.convert import convert as run

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from lora_cli.adapters.keys import AdapterTensors
     from lora_cli.config.schema import ModelSection, Preset
     from lora_cli.diffusion.geometry import CropGeometry
     from lora_cli.diffusion.objectives import Objective
@@ -72,6 +73,11 @@ class Architecture(Protocol):
 
     def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Adapter tensors in a spelling diffusers' converter for this pipeline takes."""
+        ...
+
+    def original_layout(self, tensors: AdapterTensors) -> dict[str, torch.Tensor]:
+        """A LoRA in the architecture's original module names, where its community tools read only those
+        (HunyuanVideo in ComfyUI); an AdapterError elsewhere."""
         ...
 
     def load(self, spec: ModelSection, source: BaseSource, dtype: torch.dtype) -> LoadedBase: ...

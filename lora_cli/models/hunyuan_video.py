@@ -10,7 +10,7 @@ import torch
 
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.flux import FEED_FORWARD
-from lora_cli.models.hunyuan_video_layouts import original_to_diffusers
+from lora_cli.models.hunyuan_video_layouts import diffusers_to_original, original_to_diffusers
 from lora_cli.models.naming import KohyaComponent
 from lora_cli.models.tokens import padded_tokens
 from lora_cli.models.transformer_base import DiffusionTransformer
@@ -18,6 +18,7 @@ from lora_cli.models.transformer_base import DiffusionTransformer
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from lora_cli.adapters.keys import AdapterTensors
     from lora_cli.config.schema import ModelSection, Preset
     from lora_cli.diffusion.geometry import CropGeometry
     from lora_cli.models.source import BaseSource
@@ -73,6 +74,10 @@ class HunyuanVideo(DiffusionTransformer):
 
     def prepare_for_diffusers_conversion(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return original_to_diffusers(flat)
+
+    def original_layout(self, tensors: AdapterTensors) -> dict[str, torch.Tensor]:
+        """Tencent's fused module names under `diffusion_model.`, the only HunyuanVideo names ComfyUI maps."""
+        return diffusers_to_original(tensors)
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
         double = [f"transformer_blocks.{i}" for i in range(len(denoiser.transformer_blocks))]

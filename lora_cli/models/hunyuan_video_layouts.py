@@ -100,3 +100,68 @@ def _split_fused(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, part in zip(names, parts, strict=True):
             out[f"{prefix}.{name}.{factor}.weight"] = part
     return out
+
+
+# Export: diffusers' modules -> Tencent's (fused) module names, which ComfyUI reads for HunyuanVideo.
+FUSED = (  # (pattern of the member modules, the original module, its members in row order)
+    (r"transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v)", "double_blocks.{}.img_attn_qkv", ("to_q", "to_k", "to_v")),
+    (r"transformer_blocks\.(\d+)\.attn\.(add_q_proj|add_k_proj|add_v_proj)", "double_blocks.{}.txt_attn_qkv",
+     ("add_q_proj", "add_k_proj", "add_v_proj")),
+    (r"single_transformer_blocks\.(\d+)\.(?:attn\.)?(to_q|to_k|to_v|proj_mlp)", "single_blocks.{}.linear1",
+     ("to_q", "to_k", "to_v", "proj_mlp")),
+)  # fmt: skip
+RENAMED = (
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", "double_blocks.{}.img_attn_proj"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", "double_blocks.{}.txt_attn_proj"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", "double_blocks.{}.img_mlp.fc1"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2", "double_blocks.{}.img_mlp.fc2"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", "double_blocks.{}.txt_mlp.fc1"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", "double_blocks.{}.txt_mlp.fc2"),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear", "double_blocks.{}.img_mod.linear"),
+    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", "double_blocks.{}.txt_mod.linear"),
+    (r"single_transformer_blocks\.(\d+)\.proj_out", "single_blocks.{}.linear2"),
+    (r"single_transformer_blocks\.(\d+)\.norm\.linear", "single_blocks.{}.modulation.linear"),
+)
+MLP_RATIO = 4  # HunyuanVideo's single blocks: linear1 = q, k, v (a width each) and the MLP input (4 widths)
+
+
+def diffusers_to_original(tensors: dict[tuple[str, str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A LoRA on diffusers' modules in Tencent's names (`diffusion_model.double_blocks.0.img_attn_qkv.lora_A
+    .weight`): a fused module's down factors stacked (alpha / rank folded in) and its up factors block-diagonal,
+    so its update is exactly its members' updates side by side (its rank is theirs summed); a member without an
+    adapter is a zero block. Refuses what the names cannot hold (DoRA magnitudes, modules outside the blocks)."""
+    from lora_cli.errors import AdapterError
+
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    members: dict[str, tuple[str, ...]] = {}
+    plain: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for (component, module), named in tensors.items():
+        if "dora_scale" in named or component != "transformer":
+            raise AdapterError(f"the original layout holds LoRA on the transformer only, not {component}.{module}")
+        down = named["lora_down.weight"] * (float(named["alpha"]) / named["lora_down.weight"].shape[0])
+        factors = (down, named["lora_up.weight"])
+        group = next(((p, t, m) for p, t, m in FUSED if re.fullmatch(p, module)), None)
+        if group:
+            found = re.fullmatch(group[0], module)
+            name = group[1].format(found.group(1))
+            fused.setdefault(name, {})[found.group(2)] = factors
+            members[name] = group[2]
+            continue
+        renamed = next((t.format(f.group(1)) for p, t in RENAMED if (f := re.fullmatch(p, module))), None)
+        if renamed is None:
+            raise AdapterError(
+                f"the original layout names HunyuanVideo's double and single blocks only, not {module}; train with "
+                "adapter.targets attention or attention_ff"
+            )
+        plain[renamed] = factors
+    for name, present in fused.items():
+        width = next(up.shape[0] // (MLP_RATIO if m == "proj_mlp" else 1) for m, (_, up) in present.items())
+        rows = {member: MLP_RATIO * width if member == "proj_mlp" else width for member in members[name]}
+        downs = [present[m][0] for m in members[name] if m in present]
+        ups = [present[m][1] if m in present else torch.zeros(rows[m], 0) for m in members[name]]
+        plain[name] = (torch.cat(downs), torch.block_diag(*ups))
+    flat = {}
+    for name, (down, up) in plain.items():
+        flat[f"diffusion_model.{name}.lora_A.weight"] = down.contiguous()
+        flat[f"diffusion_model.{name}.lora_B.weight"] = up.contiguous()
+    return flat

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_cli.errors import AdapterError
+
 
 @dataclass(frozen=True)
 class KohyaComponent:
@@ -39,3 +41,11 @@ def matching_layout(layouts: dict[str, str], keys: list[str]) -> str | None:
         if any(re.search(pattern, key) for key in keys):
             return name
     return None
+
+
+def no_original_layout(architecture: str, default_format: str) -> AdapterError:
+    """Why an architecture writes no `original` layout (the one ComfyUI needs for HunyuanVideo)."""
+    return AdapterError(
+        f"the original layout is HunyuanVideo's (what ComfyUI reads for it); {architecture} files load in ComfyUI "
+        f"in the {default_format} layout"
+    )

@@ -10,11 +10,12 @@ import torch
 from lora_cli.diffusion.objectives import DenoisingObjective
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
-from lora_cli.models.naming import KohyaComponent, text_model_aliases
+from lora_cli.models.naming import KohyaComponent, no_original_layout, text_model_aliases
 from lora_cli.models.single_file import original_unet_modules
 from lora_cli.models.tokens import padded_tokens
 
 if TYPE_CHECKING:
+    from lora_cli.adapters.keys import AdapterTensors
     from lora_cli.config.schema import ModelSection, Preset
     from lora_cli.diffusion.geometry import CropGeometry
     from lora_cli.models.source import BaseSource
@@ -84,6 +85,9 @@ class StableDiffusion:
         """kohya's SDXL files and ComfyUI's `diffusion_model.` files name UNet layers by the original (LDM)
         blocks; text-encoder files spell CLIP with or without `text_model.`."""
         return original_unet_modules(modules) if component == "unet" else text_model_aliases(modules)
+
+    def original_layout(self, tensors: AdapterTensors) -> dict[str, torch.Tensor]:
+        raise no_original_layout(self.name, self.default_format)
 
     def converts_layout(self, keys: list[str]) -> str | None:
         return None  # every SD layout is read exactly by lora-cli's own tables

@@ -11,9 +11,10 @@ import torch
 from lora_cli.diffusion.objectives import FlowMatchingObjective, resolution_shift
 from lora_cli.models.base import LoadedBase
 from lora_cli.models.components import encode_images, latents_from_encoding, load_components
-from lora_cli.models.naming import matching_layout, text_model_aliases
+from lora_cli.models.naming import matching_layout, no_original_layout, text_model_aliases
 
 if TYPE_CHECKING:
+    from lora_cli.adapters.keys import AdapterTensors
     from lora_cli.config.schema import ModelSection, Preset
     from lora_cli.diffusion.geometry import CropGeometry
     from lora_cli.diffusion.objectives import Objective
@@ -67,6 +68,9 @@ class DiffusionTransformer:
 
     def module_aliases(self, component: str, modules: list[str]) -> dict[str, str]:
         return {} if component == self.denoiser_name else text_model_aliases(modules)
+
+    def original_layout(self, tensors: AdapterTensors) -> dict[str, torch.Tensor]:
+        raise no_original_layout(self.name, self.default_format)
 
     def converts_layout(self, keys: list[str]) -> str | None:
         return matching_layout(self.foreign_layouts, keys)
