@@ -3,13 +3,14 @@
 For each target derived from `builtin:shapes` (`benchmarks/derived_bases.py`: `finetuned` and `recoloured`,
 trained further on shifted data; `reseeded`, the same architecture trained from another seed) the offline
 judge scores "a yellow star" and the nine known prompts (`--samples` images each, fixed seeds) with: no
-adapter; the quickstart adapter applied directly; the adapter carried over by `lora-transfer`; an adapter
-retrained on the target with the quickstart preset (the upper bound). The source base with its adapter is
-scored too, and each target's per-layer similarity (`lora-info --from`) is summarised.
+adapter; the quickstart adapter applied directly; the adapter carried over by `lora-transfer` with each method
+asked for (rotate, project: training-free; distill: retrained on images the source draws with the adapter); an
+adapter retrained on the target with the quickstart preset and its data (the upper bound). The source base with
+its adapter is scored too, and each target's per-layer similarity (`lora-info --from`) is summarised.
 
 Run: `python -m benchmarks.transfer [--targets finetuned,recoloured,reseeded] [--samples 16] [--adapter FILE]
-[--method rotate|project] [--threshold T] [--subspace-energy E] [--out runs/transfer]`. Bases and adapters are
-kept in OUT and reused.
+[--methods rotate,project,distill] [--threshold T] [--subspace-energy E] [--out runs/transfer]`. Bases and adapters
+are kept in OUT and reused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,7 @@ def adapter_on(base: str, folder: Path) -> Path:
 def carried(adapter: Path, target: Path, out: Path, options: list[str]) -> tuple[Path | None, str]:
     """`lora-transfer`'s file (None when it refuses: nothing similar enough) and its last output line."""
     out.unlink(missing_ok=True)
+    shutil.rmtree(out.with_name(out.stem + ".transfer"), ignore_errors=True)  # distill's work: start afresh
     command = [sys.executable, "-c", TRANSFER, str(adapter), str(out), "--from", SOURCE, "--to", str(target)]
     command += options
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -47,10 +50,10 @@ def carried(adapter: Path, target: Path, out: Path, options: list[str]) -> tuple
     return (out if done.returncode == 0 else None), last
 
 
-def similarity_summary(adapter: Path, target: Path, threshold: float, energy: float, method: str) -> dict:
+def similarity_summary(adapter: Path, target: Path, threshold: float, energy: float) -> dict:
     from lora_cli.toolbox.info import carry_over_summary
 
-    summary = carry_over_summary(adapter, SOURCE, str(target), threshold, energy, method)
+    summary = carry_over_summary(adapter, SOURCE, str(target), threshold, energy, "rotate")
     change = [layer["change"] for layer in summary["layers"].values()]
     return {
         "mean_similarity": summary["mean_similarity"],
@@ -72,7 +75,7 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, help="the quickstart adapter (trained when not given)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--subspace-energy", type=float, default=0.99)
-    parser.add_argument("--method", default="rotate", choices=("rotate", "project"))
+    parser.add_argument("--methods", default="rotate,project,distill", help="comma-separated lora-transfer methods")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "transfer")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -83,29 +86,33 @@ def main() -> None:
     torch.set_num_threads(1)
     judge = Judge.load()
     adapter = args.adapter or adapter_on(SOURCE, args.out / "adapters" / "source")
+    methods = args.methods.split(",")
     report: dict = {"samples_per_prompt": args.samples, "threshold": args.threshold}
-    report.update(subspace_energy=args.subspace_energy, method=args.method)
-    options = ["--threshold", str(args.threshold), "--subspace-energy", str(args.subspace_energy)]
-    options += ["--method", args.method]
+    report.update(subspace_energy=args.subspace_energy, methods=methods)
+    subspace = ["--threshold", str(args.threshold), "--subspace-energy", str(args.subspace_energy)]
     report["source"] = scores(load_pipeline(adapter), judge, args.samples)
     for kind in args.targets.split(","):
         target = derive(kind, args.out / "bases" / kind)
-        file, line = carried(adapter, target, args.out / f"carried-{kind}-{args.method}.safetensors", options)
-        retrained = adapter_on(str(target), args.out / "adapters" / kind)
-        rows = {"no adapter": None, "direct": adapter, "transferred": file, "retrained": retrained}
+        rows: dict[str, Path | None] = {"no adapter": None, "direct": adapter}
+        lines = {}
+        for method in methods:
+            options = ["--method", method, *(subspace if method != "distill" else [])]
+            rows[method], lines[method] = carried(adapter, target, args.out / f"carried-{kind}-{method}.safetensors",
+                                                  options)  # fmt: skip
+        rows["retrained"] = adapter_on(str(target), args.out / "adapters" / kind)
         report[kind] = {
-            "transfer": line,
-            "similarity": similarity_summary(adapter, target, args.threshold, args.subspace_energy, args.method),
+            "transfer": lines,
+            "similarity": similarity_summary(adapter, target, args.threshold, args.subspace_energy),
             **{row: scores(load_pipeline(path, str(target)), judge, args.samples) for row, path in rows.items()},
         }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"transfer-{args.method}-threshold{args.threshold}-" + args.targets.replace(",", "-") + ".json"
+    name = f"transfer-threshold{args.threshold}-" + args.targets.replace(",", "-") + ".json"
     (args.out / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"{'target':10} {'adapter':12} {'yellow star':>12} {'known':>6}")
     print(f"{'source':10} {'quickstart':12} {report['source']['yellow_star']:12.2f} {report['source']['known']:6.2f}")
     for kind in args.targets.split(","):
-        for row in ("no adapter", "direct", "transferred", "retrained"):
+        for row in ("no adapter", "direct", *methods, "retrained"):
             found = report[kind][row]
             print(f"{kind:10} {row:12} {found['yellow_star']:12.2f} {found['known']:6.2f}")
 

@@ -114,6 +114,22 @@ def test_dit_training_lowers_the_loss_on_a_fixed_batch(flow, write_preset, tiny_
     assert after < 0.85 * before, (before, after)  # measured: flux 0.47-0.57x, sd3 0.82x (its plateau here)
 
 
+def test_dit_transfer_objective_learns_the_teachers_predictions(write_preset, tiny_dit, dit_adapter, shapes_data):
+    """`train.objective: transfer` (lora-transfer --method distill) in each DiT's own prediction space: with the
+    base + its adapter as the teacher, a fresh adapter of the same shape can match it almost exactly."""
+    name, base = tiny_dit
+    preset = write_preset(model={"path": str(base), "max_text_tokens": 32})
+    overrides = [
+        "train.learning_rate=1e-2",
+        "adapter.targets=attention_ff",
+        "adapter.alpha=2",
+        "train.objective=transfer",
+    ]
+    overrides += [f"transfer.source={base}", f"transfer.adapter={dit_adapter}"]
+    before, after = fixed_batch_losses(preset, overrides, shapes_data)
+    assert after < 0.5 * before, (before, after)
+
+
 def test_dit_adapter_loads_in_diffusers_and_merges(tiny_dit, dit_adapter: Path, tmp_path: Path) -> None:
     name, base_folder = tiny_dit
     keys = load_file(dit_adapter).keys()

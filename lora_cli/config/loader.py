@@ -20,11 +20,11 @@ from lora_cli.errors import PresetError, shown
 
 # Keys whose values are paths; in a preset file they are relative to that file's folder.
 # `model.path` and `model.config` may also be hub ids, so they are resolved only when they exist locally.
-FILE_RELATIVE_KEYS = ("data.folder", "prior.folder", "distill.prompts", "output.dir")
+FILE_RELATIVE_KEYS = ("data.folder", "prior.folder", "distill.prompts", "transfer.adapter", "output.dir")
 MAX_PRESET_BYTES = 1 << 20  # a preset is a few hundred lines; anything this large is a mistake or an attack
 MAX_YAML_NODES = 100_000  # values a preset may expand to through YAML aliases
 MAX_OVERRIDE_CHARACTERS = 10_000
-MAYBE_LOCAL_KEYS = ("model.path", "model.config")
+MAYBE_LOCAL_KEYS = ("model.path", "model.config", "transfer.source")
 
 
 def load_preset(path: str | Path, overrides: Iterable[str] = ()) -> Preset:

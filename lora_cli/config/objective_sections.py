@@ -97,3 +97,20 @@ class DistillSection(Section):
         if not 0 <= low <= high:
             raise ValueError(f"distill.guidance must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
         return self
+
+
+class TransferSection(Section):
+    """Adapter distillation (`train.objective: transfer`), which `lora-transfer --method distill` sets up: the
+    adapter being trained learns to predict what another base with its adapter predicts. docs/transfer.md has the
+    method."""
+
+    source: str | None = Field(
+        None,
+        description="The base the teacher adapter was trained on (any `model.path` form); loaded with this "
+        "preset's `model` settings.",
+    )
+    adapter: str | None = Field(
+        None,
+        description="The teacher adapter (any algorithm and layout), on `source`. Its denoiser layers only: "
+        "an adapter with text-encoder layers is refused. Relative to the preset file.",
+    )

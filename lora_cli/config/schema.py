@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lora_cli.adapters.keys import FILE_FORMATS
 from lora_cli.adapters.registry import algorithms, get_algorithm
-from lora_cli.config.objective_sections import DistillSection, FlowSection
+from lora_cli.config.objective_sections import DistillSection, FlowSection, TransferSection
 from lora_cli.config.section import Section
 from lora_cli.models.quantize import BITSANDBYTES_MODES
 from lora_cli.models.quantize import CHOICES as QUANTIZE_CHOICES
@@ -266,10 +266,12 @@ class TrainSection(Section):
     noise_offset: float = Field(
         0.0, ge=0, description="Add this much per-channel offset noise (helps dark/bright images)."
     )
-    objective: Literal["denoise", "distill"] = Field(
+    objective: Literal["denoise", "distill", "transfer"] = Field(
         "denoise",
         description="`denoise`: learn the data (a style, a subject). `distill`: learn to sample in few steps — the "
-        "frozen base is the teacher and base + adapter the student (settings in `distill:`).",
+        "frozen base is the teacher and base + adapter the student (settings in `distill:`). `transfer`: learn what "
+        "another base with its adapter predicts on the data (and what this base predicts on prior images); "
+        "`lora-transfer --method distill` sets it up (settings in `transfer:`).",
     )
 
     @field_validator("mixed_precision", mode="before")
@@ -388,6 +390,7 @@ class Preset(Section):
     train: TrainSection
     flow: FlowSection = FlowSection()
     distill: DistillSection = DistillSection()
+    transfer: TransferSection = TransferSection()
     distributed: DistributedSection = DistributedSection()
     cache: CacheSection = CacheSection()
     output: OutputSection = OutputSection()
@@ -425,6 +428,7 @@ class Preset(Section):
         if self.data.frames is not None and self.prior.enabled:
             raise ValueError("prior preservation works on images; turn `prior` off to train on video clips")
         self._check_distillation()
+        self._check_transfer()
         if self.data.resolution % 8:
             raise ValueError(f"`data.resolution` must be a multiple of 8, got {self.data.resolution}")
         return self
@@ -444,6 +448,18 @@ class Preset(Section):
             raise ValueError("`train.objective: distill` has no use for prior images; remove the `prior` section")
         if self.data.frames is not None:
             raise ValueError("`train.objective: distill` works on images; video clips are not supported yet")
+
+    def _check_transfer(self) -> None:
+        if self.train.objective != "transfer":
+            if self.transfer.source is not None or self.transfer.adapter is not None:
+                raise ValueError("the `transfer` section is for `train.objective: transfer`; remove it or set that")
+            return
+        if self.transfer.source is None or self.transfer.adapter is None:
+            raise ValueError("`train.objective: transfer` needs `transfer.source` and `transfer.adapter` (the teacher)")
+        if self.adapter.text_encoder:
+            raise ValueError("`train.objective: transfer` trains the denoiser only; set adapter.text_encoder: false")
+        if self.distributed.strategy == "fsdp":
+            raise ValueError("`train.objective: transfer` keeps a whole teacher per process; use distributed: ddp")
 
 
 def fsdp_conflict(quantize: str, mixed_precision: str, optimizer: str) -> str | None:

@@ -35,6 +35,7 @@ class TrainingData:
     frames: int | None = None  # video clips of this many frames (at `fps`) instead of images
     fps: float | None = None
     noise_seeds: tuple[int | None, ...] = ()  # per item: the seed a teacher drew it from (None: a real image)
+    prior_count: int = 0  # the last this many items are prior images
 
     def pixels(self, index: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Item `index` as [3, H, W] (an image) or [3, F, H, W] (a clip) in [-1, 1], at its bucket size."""
@@ -69,7 +70,9 @@ class TrainingData:
         geometry = [crop_geometry(item, resolution, clips=frames is not None) for item in everything]
         buckets = [(g.width, g.height) for g in geometry]
         fingerprint = dataset_fingerprint(everything, digests)
-        return cls(everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps, seeds)
+        return cls(
+            everything, digests, weights, entries, buckets, fingerprint, geometry, frames, fps, seeds, len(prior_items)
+        )
 
 
 def crop_geometry(item: DatasetItem, resolution: int, clips: bool = False) -> CropGeometry:

@@ -27,10 +27,12 @@ from lora_cli.training.step_guard import guarded_step, supports_deferred_skip
 
 
 def micro_batch_loss(session: TrainingSession, samples: list[BatchSample]) -> torch.Tensor:
-    """The loss of one micro-batch: the denoising objective, or the distillation objective's."""
+    """The loss of one micro-batch: the denoising objective, or a distillation objective's."""
     batch = micro_batch_inputs(session, samples)
     if session.distillation is not None:
         return session.distillation.loss(session, batch)
+    if session.adapter_teacher is not None:
+        return session.adapter_teacher.loss(session, batch)
     return denoising_loss(session, batch, fresh_noise(session, batch))
 
 

@@ -26,6 +26,7 @@ from lora_cli.training.outputs import RunPaths
 from lora_cli.training.prior import prior_items
 from lora_cli.training.sharding import refuse_unsupported_launch, shard_denoiser, wants_sharding
 from lora_cli.training.teacher import teacher_items
+from lora_cli.training.transfer_teacher import make_adapter_distillation
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainingSession:
     started: float = field(default_factory=time.perf_counter)  # when training began (for metrics)
     phases: dict[str, float] = field(default_factory=dict)  # seconds each startup phase took, for the log
     distillation: Any = None  # training/distill.Distillation under `train.objective: distill`
+    adapter_teacher: Any = None  # training/transfer_teacher.AdapterDistillation under `train.objective: transfer`
     _epoch_order: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
     _objectives: dict[tuple[int, ...], Any] = field(default_factory=dict, repr=False)
 
@@ -275,6 +277,7 @@ def build_session(
         sharded=sharded,
         weight_dtype=getattr(torch, preset.model.dtype),
         distillation=make_distillation(preset, adapter, base),
+        adapter_teacher=make_adapter_distillation(preset, base, data, device),
     )
 
 
