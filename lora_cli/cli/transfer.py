@@ -158,7 +158,7 @@ def _distill(
     from rich.console import Console
 
     from lora_cli.cli.quiet import quiet_libraries
-    from lora_cli.toolbox.transfer_distill import (
+    from lora_cli.training.transfer_distill import (
         DistillSettings,
         default_prompts,
         distill_transfer,

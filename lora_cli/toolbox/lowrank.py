@@ -35,11 +35,15 @@ def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None) -> tup
     """up @ down ≈ delta (float32, alpha = rank so the scale is 1). Convolutions: down k×k, up 1×1 (LoCon)."""
     matrix = delta.float().flatten(1)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    squares = s.pow(2)
+    squares = s.double().pow(2)
     total = float(squares.sum()) or 1.0
     if rank is None:
+        wanted = min(energy or 1.0, 1.0)
         kept = torch.cumsum(squares, 0) / total
-        rank = int((kept < min(energy or 1.0, 1.0) - 1e-9).sum()) + 1
+        # energy 1: the numerical rank (singular values above float32 noise, as torch.linalg.matrix_rank counts
+        # them), so no real direction is cut by the rounding of the cumulative share and no noise is kept
+        noise = float(s[0]) * torch.finfo(s.dtype).eps * max(matrix.shape) if s.numel() else 0.0
+        rank = int((s > noise).sum()) if wanted >= 1.0 else int((kept < wanted - 1e-9).sum()) + 1
     rank = max(1, min(rank, s.numel()))
     root = s[:rank].sqrt()
     up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
