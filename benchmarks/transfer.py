@@ -4,9 +4,11 @@ For each target derived from `builtin:shapes` (`benchmarks/derived_bases.py`: `f
 trained further on shifted data; `reseeded`, the same architecture trained from another seed) the offline
 judge scores "a yellow star" and the nine known prompts (`--samples` images each, fixed seeds) with: no
 adapter; the quickstart adapter applied directly; the adapter carried over by `lora-transfer` with each method
-asked for (rotate, project: training-free; distill: retrained on images the source draws with the adapter); an
-adapter retrained on the target with the quickstart preset and its data (the upper bound). The source base with
-its adapter is scored too, and each target's per-layer similarity (`lora-info --from`) is summarised.
+asked for (rotate, project: training-free; distill: retrained on images the source draws with the adapter);
+with distill, "plain": the quickstart preset trained on the target with those drawn images and the usual
+denoising loss (the ablation: what matching the teacher's predictions adds); an adapter retrained on the target
+with the quickstart preset and its data (the upper bound). The source base with its adapter is scored too, and
+each target's per-layer similarity (`lora-info --from`) is summarised.
 
 Run: `python -m benchmarks.transfer [--targets finetuned,recoloured,reseeded] [--samples 16] [--adapter FILE]
 [--methods rotate,project,distill] [--threshold T] [--subspace-energy E] [--out runs/transfer]`. Bases and adapters
@@ -48,6 +50,13 @@ def carried(adapter: Path, target: Path, out: Path, options: list[str]) -> tuple
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     last = (done.stdout or done.stderr).strip().splitlines()[-1]
     return (out if done.returncode == 0 else None), last
+
+
+def plain_on_teacher_images(work: Path, target: Path) -> Path:
+    """The quickstart preset trained on `target` with the images distill's teacher drew as its data and the usual
+    denoising objective: what distillation adds over plain training on the same images."""
+    (teacher,) = (work / "teacher").iterdir()
+    return train_adapter(work / "plain", [f"model.path={target}", f"data.folder={teacher}"])[0]
 
 
 def similarity_summary(adapter: Path, target: Path, threshold: float, energy: float) -> dict:
@@ -99,6 +108,8 @@ def main() -> None:
             options = ["--method", method, *(subspace if method != "distill" else [])]
             rows[method], lines[method] = carried(adapter, target, args.out / f"carried-{kind}-{method}.safetensors",
                                                   options)  # fmt: skip
+        if rows.get("distill"):  # the ablation: the same preset on the teacher's images, without the teacher
+            rows["plain"] = plain_on_teacher_images(args.out / f"carried-{kind}-distill.transfer", target)
         rows["retrained"] = adapter_on(str(target), args.out / "adapters" / kind)
         report[kind] = {
             "transfer": lines,
@@ -112,8 +123,9 @@ def main() -> None:
     print(f"{'target':10} {'adapter':12} {'yellow star':>12} {'known':>6}")
     print(f"{'source':10} {'quickstart':12} {report['source']['yellow_star']:12.2f} {report['source']['known']:6.2f}")
     for kind in args.targets.split(","):
-        for row in ("no adapter", "direct", *methods, "retrained"):
-            found = report[kind][row]
+        for row in ("no adapter", "direct", *methods, "plain", "retrained"):
+            if (found := report[kind].get(row)) is None:
+                continue
             print(f"{kind:10} {row:12} {found['yellow_star']:12.2f} {found['known']:6.2f}")
 
 
