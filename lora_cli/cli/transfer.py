@@ -158,17 +158,20 @@ def _distill(
     from rich.console import Console
 
     from lora_cli.cli.quiet import quiet_libraries
+    from lora_cli.training.teacher import read_prompts_file
     from lora_cli.training.transfer_distill import (
         DistillSettings,
         default_prompts,
         distill_transfer,
-        read_prompts,
         training_preset,
     )
 
     quiet_libraries()
     settings_preset = training_preset(adapter, preset)
-    drawn = read_prompts(prompts) if prompts is not None else default_prompts(settings_preset, adapter)
+    if prompts is not None:
+        drawn = read_prompts_file(prompts, "--prompts")
+    else:
+        drawn = default_prompts(settings_preset, adapter)
     folder = work if work is not None else out.with_name(out.stem + ".transfer")
     settings = DistillSettings(drawn, images_per_prompt, steps, folder)
     distill_transfer(adapter, source, target, out, settings_preset, settings, Console(stderr=True))

@@ -36,6 +36,7 @@ from lora_cli.adapters.files import AdapterFile, read_adapter
 from lora_cli.adapters.functional import layer_rank, merged_weight
 from lora_cli.adapters.keys import AdapterTensors, ModuleKey
 from lora_cli.errors import AdapterError, OutputExistsError
+from lora_cli.models.source import BaseSource
 from lora_cli.models.weights import BaseWeights, open_base_weights
 from lora_cli.toolbox.lowrank import low_rank, output_format, save_lora
 
@@ -151,15 +152,31 @@ def _compare(
         yield _Layer(key, measured, carried)
 
 
+def check_one_architecture(before: BaseSource, after: BaseSource, source: str, target: str) -> None:
+    if before.architecture is not after.architecture:
+        raise AdapterError(
+            f"{target} is a {after.architecture.name} and {source} a {before.architecture.name}; transfer needs "
+            "two bases of one architecture"
+        )
+
+
+def transferred_from(adapter: Path, source: str, target: str, fingerprints: dict[str, str], method: str) -> dict:
+    """The start of every `lora_cli.transferred_from` record: the adapter, both bases and the method."""
+    return {
+        "adapter": adapter.name,
+        "source": source,
+        "source_fingerprint": fingerprints["source"],
+        "target": target,
+        "target_fingerprint": fingerprints["target"],
+        "method": method,
+    }
+
+
 @contextmanager
 def _opened(adapter: Path, source: str, target: str) -> Iterator[tuple[AdapterFile, BaseWeights, BaseWeights]]:
     """The adapter read against SOURCE, and both bases open for reading; they must be one architecture."""
     with open_base_weights(source, "--from") as before, open_base_weights(target, "--to") as after:
-        if before.source.architecture is not after.source.architecture:
-            raise AdapterError(
-                f"{target} is a {after.source.architecture.name} and {source} a "
-                f"{before.source.architecture.name}; transfer needs two bases of one architecture"
-            )
+        check_one_architecture(before.source, after.source, source, target)
         yield read_adapter(adapter, ModuleCatalog.from_weights(before)), before, after
 
 
@@ -203,12 +220,7 @@ def transfer(
             )
         fingerprints = {"source": before.source.fingerprint(), "target": after.source.fingerprint()}
         record = {
-            "adapter": adapter.name,
-            "source": source,
-            "source_fingerprint": fingerprints["source"],
-            "target": target,
-            "target_fingerprint": fingerprints["target"],
-            "method": method,
+            **transferred_from(adapter, source, target, fingerprints, method),
             "subspace_energy": energy,
             "threshold": threshold,
             "transferred_layers": len(result),

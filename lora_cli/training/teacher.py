@@ -29,18 +29,22 @@ def teacher_prompts(preset: Preset, dataset_items: list[DatasetItem]) -> list[st
     source = preset.distill.prompts
     if source is None:
         return sorted({item.caption for item in dataset_items if item.caption})
-    path = Path(source)
+    return read_prompts_file(Path(source), "distill.prompts")
+
+
+def read_prompts_file(path: Path, option: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompts file named by `option`, refused in one line when it is not one."""
     if not path.is_file():
-        raise DatasetError(f"distill.prompts: {path} is not a file; give a text file with one prompt per line")
+        raise DatasetError(f"{option}: {path} is not a file; give a text file with one prompt per line")
     if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-        raise DatasetError(f"distill.prompts: {path} is larger than 1 MiB; is it a prompts file?")
+        raise DatasetError(f"{option}: {path} is larger than 1 MiB; is it a prompts file?")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise DatasetError(f"distill.prompts: {path} is not UTF-8 text; save it as UTF-8") from None
+        raise DatasetError(f"{option}: {path} is not UTF-8 text; save it as UTF-8") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise DatasetError(f"distill.prompts: {path} holds no prompts; write one prompt per line")
+        raise DatasetError(f"{option}: {path} holds no prompts; write one prompt per line")
     return prompts
 
 

@@ -29,6 +29,7 @@ from lora_cli.config.loader import load_preset, validate_preset
 from lora_cli.config.schema import Preset
 from lora_cli.errors import AdapterError, DatasetError, OutputExistsError, PresetError
 from lora_cli.io.safetensors_file import load_tensors, read_metadata, save_tensors
+from lora_cli.toolbox.transfer import check_one_architecture, transferred_from
 from lora_cli.training.drawn import Drawing, draw_into_folder, is_complete
 
 STEM = "teacher"
@@ -58,19 +59,6 @@ def training_preset(adapter: Path, preset_file: Path | None) -> Preset:
     except json.JSONDecodeError:
         raise AdapterError(f"{adapter}: metadata lora_cli.preset is not valid JSON; give --preset") from None
     return validate_preset(raw, f"{adapter} (lora_cli.preset)")
-
-
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"--prompts: {path} is not a file; give a text file with one prompt per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DatasetError(f"--prompts: {path} is not UTF-8 text; save it as UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise DatasetError(f"--prompts: {path} holds no prompts; write one prompt per line")
-    return prompts
 
 
 def default_prompts(preset: Preset, adapter: Path) -> list[str]:
@@ -159,11 +147,7 @@ def distill_transfer(
             "--method distill draws still images; for a video base use --method rotate (or retrain on clips)"
         )
     with open_base_source(source, "--from") as before, open_base_source(target, "--to") as after:
-        if before.architecture is not after.architecture:
-            raise AdapterError(
-                f"{target} is a {after.architecture.name} and {source} a {before.architecture.name}; transfer "
-                "needs two bases of one architecture"
-            )
+        check_one_architecture(before, after, source, target)
         fingerprints = {"source": before.fingerprint(), "target": after.fingerprint()}
     console.print(f"drawing {drawn} images with {source} + {adapter}", soft_wrap=True)
     teacher = draw_teacher_images(adapter, source, preset, settings)
@@ -176,12 +160,7 @@ def distill_transfer(
         raise AdapterError(f"{settings.work / 'student'}: training wrote no adapter")
     tensors, metadata = load_tensors(trained, AdapterError)
     record = {
-        "adapter": adapter.name,
-        "source": source,
-        "source_fingerprint": fingerprints["source"],
-        "target": target,
-        "target_fingerprint": fingerprints["target"],
-        "method": "distill",
+        **transferred_from(adapter, source, target, fingerprints, "distill"),
         "prompts": settings.prompts,
         "images_per_prompt": settings.images_per_prompt,
         "steps": student.train.steps,
