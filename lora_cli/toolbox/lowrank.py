@@ -37,13 +37,12 @@ def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None) -> tup
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     squares = s.double().pow(2)
     total = float(squares.sum()) or 1.0
-    if rank is None:
-        wanted = min(energy or 1.0, 1.0)
-        kept = torch.cumsum(squares, 0) / total
-        # energy 1: the numerical rank (singular values above float32 noise, as torch.linalg.matrix_rank counts
-        # them), so no real direction is cut by the rounding of the cumulative share and no noise is kept
-        noise = float(s[0]) * torch.finfo(s.dtype).eps * max(matrix.shape) if s.numel() else 0.0
-        rank = int((s > noise).sum()) if wanted >= 1.0 else int((kept < wanted - 1e-9).sum()) + 1
+    if rank is None and min(energy or 1.0, 1.0) >= 1.0:
+        # the numerical rank (singular values above float32 noise, as torch.linalg.matrix_rank counts them), so no
+        # real direction is cut by the rounding of a cumulative share and no noise is kept
+        rank = int((s > s[0] * torch.finfo(s.dtype).eps * max(matrix.shape)).sum())
+    elif rank is None:
+        rank = int((torch.cumsum(squares, 0) / total < energy - 1e-9).sum()) + 1
     rank = max(1, min(rank, s.numel()))
     root = s[:rank].sqrt()
     up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
