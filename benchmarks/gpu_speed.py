@@ -28,7 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
         skip = max(1, len(wall) // 4)
         intervals = [b - a for a, b in zip(wall[skip:], wall[skip + 1 :], strict=False)]
         row.update(steps=len(wall), first_step_s=round(wall[0] - times["started"], 1) if wall else None)
+        if times.get("gpu_peak_bytes"):
+            row["allocator_peak_mib"] = round(times["gpu_peak_bytes"] / 2**20)
         row["s_per_step"] = round(statistics.median(intervals), 4) if intervals else None
     if returncode != 0:
         row["failed"] = f"exit {returncode}: {tail[0][:160]}" if returncode is not None else tail[0]
@@ -183,14 +186,30 @@ def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
     return row
 
 
-def print_table(rows: list[dict[str, object]], header: Callable[[], str]) -> None:
+Column = tuple[str, Callable[[dict[str, object]], object]]  # a table's heading and how a row fills it
+
+
+def speed(row: dict[str, object]) -> object:
+    """The s/step cell: the figure, or why there is none."""
+    return row.get("failed") or row.get("skipped") or row.get("s_per_step", "")
+
+
+COLUMNS: tuple[Column, ...] = (
+    ("run", lambda row: row["run"]),
+    ("s/step", speed),
+    ("first step (s)", lambda row: row.get("first_step_s", "")),
+    ("GPU peak (MiB)", lambda row: row.get("gpu_peak_mib") or ""),
+    ("--plan", lambda row: row.get("plan", "")),
+    ("loss (first -> last quarter)", lambda row: row.get("loss", "")),
+)
+
+
+def print_table(rows: list[dict[str, object]], header: Callable[[], str], columns: Sequence[Column] = COLUMNS) -> None:
     print(header())
-    print("| run | s/step | first step (s) | GPU peak (MiB) | --plan | loss (first -> last quarter) |")
-    print("|---|---|---|---|---|---|")
+    print("| " + " | ".join(name for name, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
     for row in rows:
-        speed = row.get("failed") or row.get("skipped") or row.get("s_per_step", "")
-        print(f"| {row['run']} | {speed} | {row.get('first_step_s', '')} | {row.get('gpu_peak_mib') or ''} | "
-              f"{row.get('plan', '')} | {row.get('loss', '')} |")  # fmt: skip
+        print("| " + " | ".join(str(cell(row)) for _, cell in columns) + " |")
 
 
 def environment() -> str:
@@ -204,6 +223,17 @@ def environment() -> str:
     return f"{time.strftime('%Y-%m-%d')}, {device}, {versions}, accelerate {accelerate.__version__}"
 
 
+@contextmanager
+def work_folder(chosen: Path | None) -> Iterator[Path]:
+    """`chosen` (created if missing), else a temporary folder removed afterwards."""
+    if chosen is not None:
+        chosen.mkdir(parents=True, exist_ok=True)
+        yield chosen
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        yield Path(scratch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers-examples", type=Path, help="diffusers' examples/ folder (the peer's script)")
@@ -212,9 +242,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="CPU dry run with tiny models")
     args = parser.parse_args()
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        work = args.work or Path(scratch)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work) as work:
         paths = build_inputs(work, args.small)
         print(f"models built in {time.perf_counter() - began:.0f} s", flush=True)
         rows = []

@@ -50,6 +50,27 @@ def write_headers(module: torch.nn.Module, folder: Path, file_name: str, dtype: 
         handle.truncate(8 + len(encoded) + offset)
 
 
+def write_random_weights(
+    module: torch.nn.Module, folder: Path, device: str, seed: int = 0, max_shard_size: str = "10GB"
+) -> None:
+    """Replace the sparse file of a diffusers `module` (built on the meta device) in `folder` with random bfloat16
+    weights, made on `device` and saved as diffusers saves them (in shards of `max_shard_size`): matrices and
+    kernels from N(0, 0.02), biases 0, norm scales 1. Speed and memory are a real model's; what it draws is noise."""
+    module = module.to(torch.bfloat16).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.ndim >= 2:
+                parameter.normal_(0.0, 0.02, generator=generator)
+            else:
+                parameter.fill_(0.0 if name.endswith("bias") else 1.0)
+    if any(True for _ in module.buffers()):
+        raise ValueError(f"{type(module).__name__} has buffers, which to_empty leaves uninitialised")
+    for stale in folder.glob("*.safetensors"):
+        stale.unlink()
+    module.save_pretrained(folder, max_shard_size=max_shard_size)
+
+
 def _save_config(model, folder: Path, name: str = "config.json") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
@@ -75,7 +96,12 @@ def _flux_vae():
     )
 
 
-def flux_dev(out: Path) -> Path:
+FLUX_OTHERS = {"scheduler": "FlowMatchEulerDiscreteScheduler", "tokenizer": "CLIPTokenizer",
+               "tokenizer_2": "T5TokenizerFast"}  # fmt: skip
+
+
+def flux_dev_modules() -> dict[str, torch.nn.Module]:
+    """FLUX.1-dev's transformer, VAE, CLIP-L and T5-XXL encoders on the meta device."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -104,17 +130,11 @@ def flux_dev(out: Path) -> Path:
                 is_gated_act=True,
             )
         )
-    modules = {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
-    return _write(
-        out,
-        "FluxPipeline",
-        modules,
-        {
-            "scheduler": "FlowMatchEulerDiscreteScheduler",
-            "tokenizer": "CLIPTokenizer",
-            "tokenizer_2": "T5TokenizerFast",
-        },
-    )
+    return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
+
+
+def flux_dev(out: Path) -> Path:
+    return write_pipeline(out, "FluxPipeline", flux_dev_modules(), FLUX_OTHERS)
 
 
 def wan_14b(out: Path) -> Path:
@@ -148,7 +168,9 @@ def wan_14b(out: Path) -> Path:
             )
         )
     modules = {"transformer": transformer, "vae": vae, "text_encoder": umt5}
-    return _write(out, "WanPipeline", modules, {"scheduler": "UniPCMultistepScheduler", "tokenizer": "T5TokenizerFast"})
+    return write_pipeline(
+        out, "WanPipeline", modules, {"scheduler": "UniPCMultistepScheduler", "tokenizer": "T5TokenizerFast"}
+    )
 
 
 def qwen_image(out: Path) -> Path:
@@ -159,7 +181,7 @@ def qwen_image(out: Path) -> Path:
         transformer = QwenImageTransformer2DModel()
         vae = AutoencoderKLQwenImage()
         text_encoder = _qwen25_vl_7b()
-    return _write(
+    return write_pipeline(
         out, "QwenImagePipeline", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, QWEN_OTHERS
     )
 
@@ -185,7 +207,7 @@ def longcat_image(out: Path) -> Path:
         vae = _flux_vae()
         text_encoder = _qwen25_vl_7b()
     modules = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
-    return _write(out, "LongCatImagePipeline", modules, QWEN_OTHERS)
+    return write_pipeline(out, "LongCatImagePipeline", modules, QWEN_OTHERS)
 
 
 def z_image(out: Path) -> Path:
@@ -197,7 +219,7 @@ def z_image(out: Path) -> Path:
         transformer = ZImageTransformer2DModel()
         vae = _flux_vae()
         text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B))
-    return _write(
+    return write_pipeline(
         out, "ZImagePipeline", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, QWEN_OTHERS
     )
 
@@ -214,7 +236,7 @@ def flux2_klein(out: Path) -> Path:
         )
         vae = AutoencoderKLFlux2()
         text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B, tie_word_embeddings=True))
-    return _write(
+    return write_pipeline(
         out, "Flux2KleinPipeline", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, QWEN_OTHERS
     )
 
@@ -238,7 +260,7 @@ def hunyuan_video(out: Path) -> Path:
             CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
         )
     modules = {"transformer": transformer, "vae": vae, "text_encoder": llama, "text_encoder_2": clip}
-    return _write(
+    return write_pipeline(
         out,
         "HunyuanVideoPipeline",
         modules,
@@ -250,7 +272,7 @@ def hunyuan_video(out: Path) -> Path:
     )
 
 
-def _write(out: Path, pipeline: str, modules: dict[str, torch.nn.Module], others: dict[str, str]) -> Path:
+def write_pipeline(out: Path, pipeline: str, modules: dict[str, torch.nn.Module], others: dict[str, str]) -> Path:
     """A diffusers folder of `pipeline`: each module's headers and config in its sub-folder, `others` (tokenizers,
     scheduler: component -> class) named in model_index.json only."""
     out.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,27 @@ def test_flux_dev_headers_plan_to_8_gib_with_nf4_and_offloading(tmp_path: Path, 
     assert advice[2].startswith("fits with 2 change(s)")
 
 
+def test_flux_dev_headers_plan_the_issues_budgets(tmp_path: Path, shapes_data: Path) -> None:
+    """The settings `benchmarks/offload_gpu.py` measures on a GPU, chosen by the planner for FLUX.1-dev's shapes
+    (rank 16, 512 px, batch 1): nf4 with offloaded blocks in 8 GiB, fp8 in 12 GiB and bf16 in 16 GiB, each with
+    the fewest offloaded blocks whose plan fits, which one block fewer does not."""
+    from benchmarks.offload_gpu import SETTINGS, planned_peak, setting_overrides
+    from benchmarks.shaped_headers import flux_dev
+
+    base = flux_dev(tmp_path / "flux-dev")
+    common = [f"model.path={base}", f"data.folder={shapes_data}", "data.resolution=512"]
+    budgets = {setting.vram_gib: setting for setting in SETTINGS if setting.vram_gib}
+    expected = {8: "nf4", 12: "fp8", 16: "none"}
+    for vram, quantize in expected.items():
+        chosen = setting_overrides(budgets[vram], common, small=False)
+        settings = dict(item.split("=", 1) for item in chosen)
+        blocks = int(settings["train.offload_blocks"])
+        assert settings["model.quantize"] == quantize and blocks > 0
+        fixed = [*common, f"model.quantize={quantize}"]
+        one_fewer = planned_peak([*fixed, f"train.offload_blocks={blocks - 1}"])[0]
+        assert planned_peak([*fixed, f"train.offload_blocks={blocks}"])[0] <= vram * 2**30 < one_fewer
+
+
 def test_prior_images_are_drawn_with_the_blocks_offloaded(flux: Path, write_preset, tmp_path: Path) -> None:
     """Prior images are drawn before training with the same offloading (the whole denoiser never moves at once)
     and equal the ones a resident run draws; the run then trains as the resident one does."""
