@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -152,21 +153,38 @@ def plan_peak(preset: dict, path: Path) -> str:
     return found.group(1) if found else f"failed (exit {result.returncode})"
 
 
+def run_with_rusage(command: list[str], log: Path, limit: float) -> tuple[int | None, int]:
+    """Run `command` from the project root, its output into `log`; (its exit code, or None when it was killed
+    after `limit` seconds; its peak RSS in bytes, from its own rusage)."""
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+    killed = threading.Event()
+    timer = threading.Timer(limit, lambda: (killed.set(), process.kill()))
+    timer.start()
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        timer.cancel()
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return (None if killed.is_set() else process.returncode), usage.ru_maxrss * 1024
+
+
 def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
-    stamps = work / f"{re.sub(r'[^a-z0-9]+', '-', case.name.lower())[:40]}.json"
+    name = re.sub(r"[^a-z0-9]+", "-", case.name.lower())[:40]
+    stamps, log = work / f"{name}.json", work / f"{name}.log"
     stamps.unlink(missing_ok=True)
     run = [sys.executable, "-m", "benchmarks.step_timer", str(stamps), *case.command]
     began = time.perf_counter()
     with GpuMemoryPeak() as memory:
-        try:
-            result = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=min(case.timeout, limit))
-            returncode, tail = result.returncode, (result.stderr or result.stdout).strip().splitlines()[-1:]
-        except subprocess.TimeoutExpired:
-            returncode, tail = None, [f"not finished after {min(case.timeout, limit):.0f} s"]
+        returncode, rss = run_with_rusage(run, log, min(case.timeout, limit))
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    if returncode is None:
+        tail = [f"not finished after {min(case.timeout, limit):.0f} s"]
     row: dict[str, object] = {
         "run": case.name,
         "wall_s": round(time.perf_counter() - began, 1),
         "gpu_peak_mib": memory.peak,
+        "ram_peak_mib": round(rss / 2**20),
     }
     if stamps.exists():
         times = json.loads(stamps.read_text())

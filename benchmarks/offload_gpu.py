@@ -13,8 +13,9 @@ LoRA, batch 1, bf16, AdamW8bit, checkpointing, caches on) trains at 512 px in fr
   3. bf16 with the fewest offloaded blocks it fits in 16 GiB,
   4.-6. the same three quantizations with every block resident (the baseline for the slowdown per block).
 Each row: s/step (median optimizer-step interval after the first quarter, `benchmarks.step_timer`), GPU peak by
-nvidia-smi (every 50 ms, CUDA context included, as the planner counts it) and torch's allocator peak, the plan,
-and measured/plan. Runs that would pass `--deadline` seconds are skipped. `--small` is a CPU dry run of the same
+nvidia-smi (every 50 ms, CUDA context included, as the planner counts it) and torch's allocator peak beside the
+plan's GPU peak, and the process's peak RSS (its own rusage) beside the plan's RAM peak (offloaded blocks wait
+in pinned host memory). Runs that would pass `--deadline` seconds are skipped. `--small` is a CPU dry run of the same
 script with a tiny Flux-shaped folder, budgets just under each resident plan and no nf4 (bitsandbytes' 4-bit
 kernels need CUDA): it checks the script, not the numbers.
 """
@@ -26,14 +27,19 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks.gpu_speed import Case, Column, environment, print_table, run_case, speed, work_folder
 from benchmarks.peer_compare import PROMPT, TRAIN
 from benchmarks.shaped_headers import FLUX_OTHERS, flux_dev_modules, write_pipeline, write_random_weights
+
+if TYPE_CHECKING:
+    from lora_cli.planning import MemoryPlan
 
 ROOT = Path(__file__).parents[1]
 PRESET = ROOT / "presets" / "flux-nf4.yaml"
@@ -123,14 +129,13 @@ def build_data(folder: Path, size: int) -> Path:
     return folder
 
 
-def planned_peak(overrides: list[str]) -> tuple[int, int]:
-    """(GPU peak the planner estimates for the preset with `overrides`, offloadable blocks)."""
+def plan_of(overrides: list[str]) -> MemoryPlan:
+    """The planner's GPU plan for the preset with `overrides`."""
     from lora_cli.config import load_preset
     from lora_cli.planning import PlanSettings, estimate_memory, read_inventory
 
     preset = load_preset(PRESET, overrides)
-    plan = estimate_memory(read_inventory(preset.model), PlanSettings.from_preset(preset), "cuda")
-    return plan.peak_device_bytes, plan.offloadable_blocks
+    return estimate_memory(read_inventory(preset.model), PlanSettings.from_preset(preset), "cuda")
 
 
 def advised(overrides: list[str], vram: int) -> list[str] | None:
@@ -147,10 +152,9 @@ def advised(overrides: list[str], vram: int) -> list[str] | None:
 
 def fewest_blocks(overrides: list[str], vram: int) -> list[str] | None:
     """`train.offload_blocks=N` for the smallest N the planner fits in `vram`; None when no N does."""
-    _, blocks = planned_peak(overrides)
-    for count in range(blocks + 1):
+    for count in range(plan_of(overrides).offloadable_blocks + 1):
         chosen = [*overrides, f"train.offload_blocks={count}"]
-        if planned_peak(chosen)[0] <= vram:
+        if plan_of(chosen).peak_device_bytes <= vram:
             return chosen[len(overrides) :]
     return None
 
@@ -163,7 +167,7 @@ def setting_overrides(setting: Setting, common: list[str], small: bool) -> list[
         return fixed
     vram = round(setting.vram_gib * GiB)
     if small:
-        vram = planned_peak([*common, *(fixed or ["model.quantize=fp8"])])[0] - 1
+        vram = plan_of([*common, *(fixed or ["model.quantize=fp8"])]).peak_device_bytes - 1
     if setting.quantize is None:
         advice = advised([*common, "model.quantize=none"], vram)
         return None if advice is None else ["model.quantize=none", *advice]
@@ -187,9 +191,14 @@ def slowdowns(rows: list[dict[str, object]]) -> list[str]:
     return lines
 
 
-def versus_plan(row: dict[str, object]) -> str:
-    measured, plan = row.get("gpu_peak_mib"), row.get("plan_mib")
-    return f"{measured / plan - 1:+.1%}" if measured and plan else ""
+def versus(measured_key: str, plan_key: str) -> Callable[[dict[str, object]], str]:
+    """A cell showing measured/plan - 1 of two fields of a row."""
+
+    def cell(row: dict[str, object]) -> str:
+        measured, plan = row.get(measured_key), row.get(plan_key)
+        return f"{measured / plan - 1:+.1%}" if measured and plan else ""
+
+    return cell
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -199,7 +208,10 @@ COLUMNS: tuple[Column, ...] = (
     ("GPU peak, nvidia-smi (MiB)", lambda row: row.get("gpu_peak_mib") or ""),
     ("allocator peak (MiB)", lambda row: row.get("allocator_peak_mib", "")),
     ("--plan (MiB)", lambda row: row.get("plan_mib", "")),
-    ("measured/plan", versus_plan),
+    ("GPU vs plan", versus("gpu_peak_mib", "plan_mib")),
+    ("RAM peak (MiB)", lambda row: row.get("ram_peak_mib", "")),
+    ("RAM plan (MiB)", lambda row: row.get("plan_ram_mib", "")),
+    ("RAM vs plan", versus("ram_peak_mib", "plan_ram_mib")),
 )
 
 
@@ -240,7 +252,9 @@ def main() -> None:
                 command = ["-c", TRAIN, str(PRESET), "--no-progress", "--overwrite"]
                 command += [flag for override in run for flag in ("--set", override)]
                 row.update(run_case(Case(setting.label, command, timeout=240), work, left))
-                row["plan_mib"] = round(planned_peak(run)[0] / 2**20)
+                plan = plan_of(run)
+                row["plan_mib"] = round(plan.peak_device_bytes / 2**20)
+                row["plan_ram_mib"] = round(plan.peak_ram_bytes / 2**20)
             settings = dict(item.split("=", 1) for item in overrides or [])
             row["settings"] = ", ".join(f"{key}: {value}" for key, value in settings.items()) or "as the preset"
             row["quantize"] = settings.get("model.quantize", "nf4")

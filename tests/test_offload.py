@@ -195,7 +195,7 @@ def test_flux_dev_headers_plan_the_issues_budgets(tmp_path: Path, shapes_data: P
     """The settings `benchmarks/offload_gpu.py` measures on a GPU, chosen by the planner for FLUX.1-dev's shapes
     (rank 16, 512 px, batch 1): nf4 with offloaded blocks in 8 GiB, fp8 in 12 GiB and bf16 in 16 GiB, each with
     the fewest offloaded blocks whose plan fits, which one block fewer does not."""
-    from benchmarks.offload_gpu import SETTINGS, planned_peak, setting_overrides
+    from benchmarks.offload_gpu import SETTINGS, plan_of, setting_overrides
     from benchmarks.shaped_headers import flux_dev
 
     base = flux_dev(tmp_path / "flux-dev")
@@ -208,8 +208,8 @@ def test_flux_dev_headers_plan_the_issues_budgets(tmp_path: Path, shapes_data: P
         blocks = int(settings["train.offload_blocks"])
         assert settings["model.quantize"] == quantize and blocks > 0
         fixed = [*common, f"model.quantize={quantize}"]
-        one_fewer = planned_peak([*fixed, f"train.offload_blocks={blocks - 1}"])[0]
-        assert planned_peak([*fixed, f"train.offload_blocks={blocks}"])[0] <= vram * 2**30 < one_fewer
+        one_fewer = plan_of([*fixed, f"train.offload_blocks={blocks - 1}"]).peak_device_bytes
+        assert plan_of([*fixed, f"train.offload_blocks={blocks}"]).peak_device_bytes <= vram * 2**30 < one_fewer
 
 
 def test_prior_images_are_drawn_with_the_blocks_offloaded(flux: Path, write_preset, tmp_path: Path) -> None:
