@@ -50,6 +50,7 @@ class Row:
         return self.estimate_mib / self.measured_mib - 1
 
 
+FP8_BATCH_1 = {"model": {"quantize": "fp8"}, "train": {"batch_size": 1}}
 CASES = [
     Case("tiny, 64 px, batch 2", "tiny", 64, {}),
     Case(
@@ -83,6 +84,8 @@ CASES = [
         {"train": {"batch_size": 1, "gradient_checkpointing": True}},
     ),
     Case("mid Wan, 256 px, 9 frames, batch 1", "mid-wan", 256, {"data": {"frames": 9}, "train": {"batch_size": 1}}),
+    Case("mid, 512 px, batch 1, fp8 base", "mid", 512, FP8_BATCH_1),
+    Case("mid Flux, 512 px, batch 1, fp8 base", "mid-flux", 512, FP8_BATCH_1),
 ]
 FULL_SIZE_CASES = [
     Case("SD1.5 shapes, 512 px, batch 1", "sd15", 512, {"train": {"batch_size": 1}}),

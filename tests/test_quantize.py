@@ -115,6 +115,53 @@ def test_fp8_layers_are_within_their_documented_tolerance_of_bf16() -> None:
     assert model[0].weight_fp8.dtype == torch.uint8 and model[0].weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_fp8_layer_keeps_only_its_bytes_for_backward(dtype: str) -> None:
+    """What autograd keeps between forward and backward for an fp8 layer is its float8 bytes and scales, never
+    the upcast weight (which would make an fp8 base cost more memory than a bf16 one), and the input's gradient
+    equals the one through the upcast weight exactly."""
+    import torch
+    from torch import nn
+
+    from lora_cli.models.float8 import Float8Linear
+
+    compute = getattr(torch, dtype)
+    torch.manual_seed(0)
+    layer = Float8Linear(nn.Linear(96, 160).to(compute), compute)
+    x = torch.randn(4, 7, 96, dtype=compute, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not any(t.shape == (160, 96) and t.dtype == compute for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved if t is not x) <= 160 * 96 + 4 * 160
+    grad = torch.randn_like(out)
+    (actual,) = torch.autograd.grad(out, x, grad)
+    reference_input = x.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.linear(reference_input, layer.weight, layer.bias)
+    (expected,) = torch.autograd.grad(reference, reference_input, grad)
+    assert torch.equal(out, reference) and torch.equal(actual, expected)
+
+
+def test_a_quantized_denoiser_lets_go_of_its_memory_mapped_file(wide_flux: Path) -> None:
+    """diffusers memory-maps a file stored in the requested dtype; once the denoiser is quantized no tensor may
+    point into that mapping, or every page quantizing read stays resident beside the quantized copy."""
+    import gc
+
+    import torch
+
+    from lora_cli.models import load_base
+
+    file = next((wide_flux / "transformer").glob("*.safetensors")).resolve()
+    resident = load_base(ModelSection(path=str(wide_flux)))
+    assert str(file) in Path("/proc/self/maps").read_text()  # the check below can fail: the file is mapped
+    del resident
+    gc.collect()
+    base = load_base(ModelSection(path=str(wide_flux), quantize="fp8"))
+    gc.collect()
+    assert str(file) not in Path("/proc/self/maps").read_text()
+    assert any(buffer.dtype == torch.uint8 for buffer in base.denoiser.buffers())  # still the fp8 model
+
+
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
 def test_an_fp8_base_trains_every_algorithm(kind, write_preset, wide_flux: Path, shapes_data: Path) -> None:
     adapter = {"type": "lora", "dora": True} if kind == "dora" else {"type": kind}

@@ -90,7 +90,17 @@ def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dty
         model.is_loaded_in_8bit = True  # peft then wraps these layers with its bitsandbytes LoRA layers
     elif mode in ("nf4", "fp4"):
         model.is_loaded_in_4bit = True
+    _leave_the_file(model)
     return QuantizationReport(mode, layers, quantized, total, before, _weight_bytes(model))
+
+
+def _leave_the_file(model: nn.Module) -> None:
+    """Give the unquantized tensors (biases, norms, convolutions) memory of their own. diffusers memory-maps a
+    file stored in the requested dtype, and while any tensor still points into the mapping, every page that
+    quantizing read stays resident: the full-precision weights would count in RAM beside their quantized copies."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
 
 
 def _bitsandbytes():
@@ -141,7 +151,8 @@ def _inputs_in(dtype: torch.dtype):
 
 
 def _weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the weights, float8 ones included (those are buffers: `.to(dtype)` must not convert them)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def quantization_error(weight: torch.Tensor, mode: str) -> torch.Tensor:
