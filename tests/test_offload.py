@@ -117,10 +117,14 @@ def test_an_offloaded_run_trains_exactly_as_a_resident_one(quantize, request, wr
         ({"offload_blocks": 1, "gradient_checkpointing": True}, {"distributed": {"strategy": "fsdp"}},
          "cannot offload FSDP shards"),
         ({"offload_blocks": 99, "gradient_checkpointing": True}, {}, "has 2 blocks"),
+        ({"offload_blocks": 1, "gradient_checkpointing": True}, {"model": {"quantize": "int8"}},
+         "does not work with `model.quantize: int8`"),
     ],
 )  # fmt: skip
 def test_offloading_is_refused_where_it_cannot_work(train, extra, message, flux, write_preset) -> None:
-    preset = write_preset(model={"path": str(flux), "max_text_tokens": 16}, train=train, **extra)
+    extra = dict(extra)
+    model = {"path": str(flux), "max_text_tokens": 16, **extra.pop("model", {})}
+    preset = write_preset(model=model, train=train, **extra)
     result = run_command("train", str(preset), "--no-progress")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and message in lines[-1], result.stderr[-1000:]

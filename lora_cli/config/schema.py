@@ -227,7 +227,8 @@ class TrainSection(Section):
         ge=0,
         description="Keep the frozen weights of this many of a DiT's repeated blocks (the last ones) in host memory "
         "(pinned on CUDA) and copy each to the GPU just before it runs, the next one prefetched on a side stream; "
-        "adapters stay on the GPU. Needs `gradient_checkpointing`; not with `compile` or FSDP. `lora-train --plan` "
+        "adapters stay on the GPU. Needs `gradient_checkpointing`; not with `compile`, FSDP or an int8 base. "
+        "`lora-train --plan` "
         "gives the memory saved and the transfer time per step.",
     )
     fused_optimizer: bool | None = Field(
@@ -424,6 +425,12 @@ class Preset(Section):
             raise ValueError(
                 "`train.offload_blocks` cannot offload FSDP shards; use distributed.strategy: ddp, or fsdp without "
                 "offloading (sharding already divides the weights between the GPUs)"
+            )
+        if self.train.offload_blocks and self.model.quantize == "int8":
+            raise ValueError(
+                "`train.offload_blocks` does not work with `model.quantize: int8` (bitsandbytes' 8-bit layers keep "
+                "a device copy of their weights in their own state, so offloaded blocks would stay on the GPU); use "
+                "quantize: fp8 (also one byte per weight) or nf4"
             )
         if self.data.frames is not None and self.prior.enabled:
             raise ValueError("prior preservation works on images; turn `prior` off to train on video clips")
