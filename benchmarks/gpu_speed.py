@@ -8,7 +8,8 @@ Cases (random weights, nothing downloaded; models are built first, about 1 minut
     lora-cli with latents + text cached, the same with `train.compile: true`, lora-cli with nothing cached,
     and the example (text embeddings precomputed; it VAE-encodes every step) when DIR is given;
   a ~1.2B Flux-shaped DiT (24 heads x 128, 2 double + 4 single blocks), 512 px, batch 1, LoRA rank 16 on every
-    Linear, 40 steps: the base in nf4, and in bf16 (which must train: its loss is printed first and last);
+    Linear, 40 steps: the base in nf4, in bf16 (which must train: its loss is printed first and last), in fp8
+    and in int8 (quantized on the CPU, then moved: bitsandbytes keeps int8 statistics beside the weight);
   the README's quickstart (builtin:shapes, 1,600 steps), wall time.
 Each run is a fresh process timed by `benchmarks.step_timer` (s/step: median optimizer-step interval after the
 first quarter); GPU peak is nvidia-smi's (CUDA context included, as the planner estimates it). A case that would
@@ -115,9 +116,7 @@ def cases(work: Path, paths: dict[str, Path], examples: Path | None, small: bool
     if examples is not None:
         peer = peer_command(examples, paths["sd15"], paths["data"], work / "df-sd15", sd)
         found.append(Case("diffusers dreambooth LoRA example (text embeddings precomputed)", peer))
-    for quantize in ("nf4", "none"):
-        if small and quantize == "nf4":
-            continue  # bitsandbytes' 4-bit kernels need CUDA
+    for quantize in ("nf4", "none", "fp8", "int8"):
         out = work / f"flux-{quantize}"
         flux = {
             "model": {"path": str(paths["flux"]), "dtype": "bfloat16", "quantize": quantize, "max_text_tokens": 16},
@@ -127,7 +126,7 @@ def cases(work: Path, paths: dict[str, Path], examples: Path | None, small: bool
                       "seed": 0},
             "output": {"dir": str(out)},
         }  # fmt: skip
-        label = "nf4 base" if quantize == "nf4" else "bf16 base"
+        label = "bf16 base" if quantize == "none" else f"{quantize} base"
         name = f"lora-cli Flux-shaped {'tiny' if small else '1.2B'}, {label}, rank 16 on every Linear, batch 1"
         found.append(Case(name, _train(flux, work / f"flux-{quantize}.yaml"), flux, 180, out / "metrics.jsonl"))
     if not small:
