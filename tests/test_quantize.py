@@ -142,6 +142,24 @@ def test_an_fp8_layer_keeps_only_its_bytes_for_backward(dtype: str) -> None:
     assert torch.equal(out, reference) and torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("mode", ["fp8", "nf4"])
+def test_quantizing_on_a_work_device_stores_the_same_bytes(mode: str) -> None:
+    """The path a GPU machine takes (each layer quantized on the GPU, its bytes back on the host), with the CPU as
+    the work device: the same stored tensors as quantizing in place (tests/test_gpu.py runs it with CUDA)."""
+    import torch
+    from torch import nn
+
+    from lora_cli.models.quantize import quantize_linear_layers
+
+    models = []
+    for work_device in (None, torch.device("cpu")):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 192), nn.GELU(), nn.Linear(192, 64)).to(torch.bfloat16)
+        quantize_linear_layers(model, mode, torch.bfloat16, work_device)
+        models.append([*model.parameters(), *model.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*models, strict=True))
+
+
 def test_a_quantized_denoiser_lets_go_of_its_memory_mapped_file(wide_flux: Path) -> None:
     """diffusers memory-maps a file stored in the requested dtype; once the denoiser is quantized no tensor may
     point into that mapping, or every page quantizing read stays resident beside the quantized copy."""

@@ -30,11 +30,20 @@ class Float8Linear(nn.Linear):
     """A frozen Linear layer stored in float8 and run in `compute_dtype`. `weight` is the upcast weight, made when
     read: peft wraps the layer like any nn.Linear and reads it for devices, dtypes and DoRA's norms."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, input_hook: Callable | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        compute_dtype: torch.dtype,
+        input_hook: Callable | None = None,
+        work_device: torch.device | None = None,
+    ) -> None:
+        """Convert `linear`'s weight (on `work_device` when given: a GPU does it far faster than the CPU); the
+        bytes stay where the weight was."""
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
-        stored, scale = to_float8(linear.weight.data)
+        weight = linear.weight.data
+        stored, scale = (t.to(weight.device) for t in to_float8(weight.to(work_device or weight.device)))
         self.register_buffer("weight_fp8", stored.view(torch.uint8))  # bytes: `.to(dtype)` must not convert them
         self.register_buffer("weight_scale", scale)
         bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)

@@ -24,10 +24,12 @@ def load_base(spec: ModelSection) -> LoadedBase:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"{where}: cannot load {spec.path}: {message[:300]}") from None
     if spec.quantize != "none":
+        from lora_cli.models.devices import process_gpu
         from lora_cli.models.quantize import quantize_linear_layers
 
         compute_dtype = getattr(torch, spec.dtype)
-        base.pipeline_extras["quantization"] = quantize_linear_layers(base.denoiser, spec.quantize, compute_dtype)
+        report = quantize_linear_layers(base.denoiser, spec.quantize, compute_dtype, process_gpu())
+        base.pipeline_extras["quantization"] = report
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.requires_grad_(False)
         module.eval()

@@ -61,9 +61,14 @@ class QuantizationReport:
         )
 
 
-def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> QuantizationReport:
+def quantize_linear_layers(
+    model: nn.Module, mode: str, compute_dtype: torch.dtype, work_device: torch.device | None = None
+) -> QuantizationReport:
     """Replace the nn.Linear layers of `model` by bitsandbytes layers holding their weights in `mode` (for 4-bit,
-    those whose widths are multiples of 64: every large layer of real models; small output heads stay)."""
+    those whose widths are multiples of 64: every large layer of real models; small output heads stay). fp8 and
+    4-bit layers are quantized one at a time on `work_device` (a GPU does it much faster than the CPU) and their
+    bytes come back to the model's device. int8 quantizes where the model is, as it always has (bitsandbytes
+    keeps its int8 statistics beside the weight; tests/test_gpu.py checks on a GPU that they follow a move)."""
     from torch import nn
 
     bnb = _bitsandbytes() if mode in BITSANDBYTES_MODES else None
@@ -80,9 +85,9 @@ def quantize_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dty
         if bnb is None:
             from lora_cli.models.float8 import Float8Linear
 
-            layer = Float8Linear(module, compute_dtype, _inputs_in(compute_dtype))
+            layer = Float8Linear(module, compute_dtype, _inputs_in(compute_dtype), work_device)
         else:
-            layer = _quantized(bnb, module, mode, compute_dtype)
+            layer = _quantized(bnb, module, mode, compute_dtype, work_device)
         setattr(parent, child, layer)
         layers += 1
         quantized += module.weight.numel()
@@ -111,7 +116,9 @@ def _bitsandbytes():
     return bnb
 
 
-def _quantized(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+def _quantized(
+    bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype, work_device: torch.device | None
+) -> nn.Module:
     import torch
     from torch import nn
 
@@ -132,7 +139,9 @@ def _quantized(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) ->
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     layer.register_forward_pre_hook(_inputs_in(compute_dtype))
-    return layer.to(device)  # moving to a device is what quantizes the weight
+    if mode == "int8" or work_device is None:
+        return layer.to(device)  # moving to a device is what quantizes the weight
+    return layer.to(work_device).to(device)  # quantized there, its packed bytes and statistics back here
 
 
 def _inputs_in(dtype: torch.dtype):

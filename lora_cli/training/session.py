@@ -17,6 +17,7 @@ from lora_cli.adapters.injection import InjectedAdapter, inject_adapter
 from lora_cli.config.schema import Preset
 from lora_cli.errors import DatasetError, PresetError
 from lora_cli.models import LoadedBase, load_base
+from lora_cli.models.devices import cpu_only
 from lora_cli.training.data import TrainingData, epoch_batches
 from lora_cli.training.distill import make_distillation, trained_dataset_items
 from lora_cli.training.encoders import BatchEncoder
@@ -198,8 +199,7 @@ def create_accelerator(preset: Preset) -> Any:
 
     precision = preset.train.mixed_precision
     refuse_unsupported_launch()
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    if precision == "fp16" and on_cpu:
+    if precision == "fp16" and cpu_only():
         raise PresetError(
             "train.mixed_precision: fp16 needs a CUDA GPU (on the CPU it would train in float32 without saying so); "
             "use bf16 or no here"
