@@ -109,8 +109,9 @@ class BlockOffloader:
 
 
 def _host_copy(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
-    host = tensor.detach().to("cpu", copy=True)
-    return host.pin_memory() if pinned else host
+    """A copy on the host (made once: into pinned memory directly on CUDA, not copied a second time to pin it)."""
+    detached = tensor.detach()
+    return torch.empty_like(detached, device="cpu", pin_memory=pinned).copy_(detached)
 
 
 def offloaded_blocks(names: list[str], count: int) -> list[str]:
