@@ -61,7 +61,8 @@ def test_settings_move_the_estimate_the_right_way(shapes) -> None:
     assert part(half, "weights: unet") == pytest.approx(part(plan, "weights: unet") / 2, rel=0.01)
     modes = ("none", "int8", "fp8", "nf4")
     unet = [part(estimate_memory(shapes, replace(base, quantize=q)), "weights: unet") for q in modes]
-    assert unet[0] > unet[1] == unet[2] > unet[3]
+    # nf4 leaves this UNet's layers whose widths are not multiples of 64 as stored: it is not below fp8 here
+    assert unet[0] > max(unet[1:]) and unet[1] == unet[2]
     quantized = estimate_memory(shapes, replace(base, quantize="nf4"))
     assert quantized.peak_ram_bytes > plan.peak_ram_bytes  # the full-precision copy while quantizing
     optimizers = [
@@ -337,7 +338,7 @@ def test_wan_clip_length_sets_the_latent_frames(tiny_dits) -> None:
     assert 3 * counts[1] < counts[17] < 5 * counts[1] and 1.5 * counts[17] < counts[33] < 1.8 * counts[17]
 
 
-def test_advice_makes_a_tight_budget_fit_and_says_when_nothing_can(shapes) -> None:
+def test_advice_makes_a_tight_budget_fit_and_says_when_nothing_can(shapes, tmp_path: Path) -> None:
     start = settings(resolution=512, batch_size=4)
     plan = estimate_memory(shapes, start)
     budget = Budget(vram=plan.peak_device_bytes - 200 * MiB, ram=64 * GiB)
@@ -364,7 +365,12 @@ def test_advice_makes_a_tight_budget_fit_and_says_when_nothing_can(shapes) -> No
     fp8 = estimate_memory(shapes, replace(ready, quantize="fp8"), "cpu")
     enough = advise(shapes, ready, Budget(ram=fp8.peak_ram_bytes + MiB), "cpu")
     assert [change.updates for change in enough.changes] == [{"model.quantize": "fp8"}]
-    assert {"model.quantize": "nf4"} in [change.updates for change in on_cpu.changes]
+    from benchmarks.shaped_headers import flux_dev  # 3072-wide layers: nf4 takes every one
+
+    flux = read_inventory(ModelSection(path=str(flux_dev(tmp_path / "flux-dev"))))
+    flux_settings = replace(ready, resolution=512, batch_size=1, dtype="bfloat16", mixed_precision="bf16")
+    for vram, expected in ((16, [{"model.quantize": "fp8"}]), (12, [{"model.quantize": "nf4"}])):
+        assert [change.updates for change in advise(flux, flux_settings, Budget(vram=vram * GiB)).changes] == expected
     loha = advise(shapes, replace(start, adapter=AdapterSection(type="loha")), Budget(ram=1 * MiB), "cpu")
     assert [c.updates["model.quantize"] for c in loha.changes if "model.quantize" in c.updates] == ["fp8"]
     roomy = advise(shapes, start, Budget(vram=80 * GiB, ram=80 * GiB))

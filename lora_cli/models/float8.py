@@ -30,6 +30,8 @@ class Float8Linear(nn.Linear):
     """A frozen Linear layer stored in float8 and run in `compute_dtype`. `weight` is the upcast weight, made when
     read: peft wraps the layer like any nn.Linear and reads it for devices, dtypes and DoRA's norms."""
 
+    weight_is_quantized = True
+
     def __init__(
         self,
         linear: nn.Linear,

@@ -33,14 +33,27 @@ BLOCK = 64  # 4-bit layers must have both widths multiples of this (bitsandbytes
 
 def stored_bytes(mode: str, shape: tuple[int, ...]) -> float:
     """Bytes one Linear weight takes in `mode`: int8 and fp8, one byte per weight and a float32 scale per output
-    row; nf4/fp4, half a byte per weight and a float32 absmax per block of 64 (bitsandbytes' layout, before its
-    optional double quantization)."""
+    row; nf4/fp4, half a byte per weight and an absmax per block of 64, itself quantized to one byte with a float32
+    absmax per 256 of those (bitsandbytes' double quantization, which its 4-bit weights get by default)."""
     numel = math.prod(shape)
     if mode in ("int8", "fp8"):
         return numel + 4 * shape[0]
     if mode in ("nf4", "fp4"):
-        return numel / 2 + 4 * math.ceil(numel / BLOCK)
+        blocks = math.ceil(numel / BLOCK)
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256)
     raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
+
+
+def quantizes(mode: str, shape: tuple[int, ...]) -> bool:
+    """Whether `mode` stores a weight of this shape quantized: Linear (2-D) weights only, and for 4-bit only
+    those whose widths are multiples of 64 (bitsandbytes' blocks and its CPU kernel); the rest stay as stored."""
+    return len(shape) == 2 and (mode not in ("nf4", "fp4") or not any(width % BLOCK for width in shape))
+
+
+def moved_bytes(mode: str, shape: tuple[int, ...]) -> float:
+    """Bytes of a quantized weight that block offloading moves: a 4-bit weight's packed bytes (its statistics stay
+    on the device with the layer's quantization state); an fp8 weight and its scales."""
+    return math.ceil(math.prod(shape) / 2) if mode in ("nf4", "fp4") else stored_bytes(mode, shape)
 
 
 @dataclass(frozen=True)
@@ -67,8 +80,8 @@ def quantize_linear_layers(
     """Replace the nn.Linear layers of `model` by bitsandbytes layers holding their weights in `mode` (for 4-bit,
     those whose widths are multiples of 64: every large layer of real models; small output heads stay). fp8 and
     4-bit layers are quantized one at a time on `work_device` (a GPU does it much faster than the CPU) and their
-    bytes come back to the model's device. int8 quantizes where the model is, as it always has (bitsandbytes
-    keeps its int8 statistics beside the weight; tests/test_gpu.py checks on a GPU that they follow a move)."""
+    bytes come back to the model's device. With a work device, int8 layers are left for bitsandbytes to quantize
+    when the model moves there (its int8 statistics do not follow a weight quantized before a move)."""
     from torch import nn
 
     bnb = _bitsandbytes() if mode in BITSANDBYTES_MODES else None
@@ -76,9 +89,7 @@ def quantize_linear_layers(
     total = sum(p.numel() for p in model.parameters())
     layers = quantized = 0
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or (
-            mode in ("nf4", "fp4") and (module.in_features % BLOCK or module.out_features % BLOCK)
-        ):
+        if type(module) is not nn.Linear or not quantizes(mode, tuple(module.weight.shape)):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -102,10 +113,15 @@ def quantize_linear_layers(
 def _leave_the_file(model: nn.Module) -> None:
     """Give the unquantized tensors (biases, norms, convolutions) memory of their own. diffusers memory-maps a
     file stored in the requested dtype, and while any tensor still points into the mapping, every page that
-    quantizing read stays resident: the full-precision weights would count in RAM beside their quantized copies."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.device.type == "cpu":
-            tensor.data = tensor.data.clone()
+    quantizing read stays resident: the full-precision weights would count in RAM beside their quantized copies.
+    Quantized weights are fresh already (and bitsandbytes keeps int8 statistics tied to the weight's tensor)."""
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if getattr(module, "weight_is_quantized", False):
+            tensors = [module.bias] if module.bias is not None else []
+        for tensor in tensors:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 def _bitsandbytes():
@@ -122,6 +138,8 @@ def _quantized(
     import torch
     from torch import nn
 
+    from lora_cli.models.four_bit import TrainableLinear4bit
+
     weight = linear.weight.data
     device = weight.device
     has_bias = linear.bias is not None
@@ -129,18 +147,23 @@ def _quantized(
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(
+        layer = TrainableLinear4bit(
             linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype, quant_type=mode
         )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=mode)
         # bitsandbytes repacks 4-bit weights for its CPU inference kernel the first time a layer runs in eval
         # mode without gradients (a preview), and training afterwards then fails; keep the trainable layout.
         layer.support_avx512bf16_for_cpu = False
+    layer.weight_is_quantized = True
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     layer.register_forward_pre_hook(_inputs_in(compute_dtype))
-    if mode == "int8" or work_device is None:
+    if work_device is None:
         return layer.to(device)  # moving to a device is what quantizes the weight
+    if mode == "int8":
+        # bitsandbytes quantizes an int8 weight when the model moves to the GPU (its documented path): its
+        # statistics live beside the weight, and a weight quantized here would reach the GPU without them
+        return layer
     return layer.to(work_device).to(device)  # quantized there, its packed bytes and statistics back here
 
 

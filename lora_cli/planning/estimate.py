@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from lora_cli.adapters.registry import get_algorithm
 from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import ModelLoadError
-from lora_cli.models.quantize import stored_bytes
+from lora_cli.models.quantize import moved_bytes, quantizes, stored_bytes
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
 from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory, Weight
@@ -199,7 +199,9 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     weights = inventory.components[denoiser]
     largest_block = max((sum(w.numel for w in weights if w.name.startswith(f"{b}.")) for b in blocks), default=0)
     linear = set(layers) if settings.quantize != "none" else set()
-    offloaded = offloaded_block_bytes(weights, blocks, settings.offload_blocks, lambda w: _stored(w, settings, linear))
+    offloaded = offloaded_block_bytes(
+        weights, blocks, settings.offload_blocks, lambda w: _stored(w, settings, linear, moved=True)
+    )
     adapted = len(targets)
     query = DenoiserQuery(
         layers=layers,
@@ -375,11 +377,11 @@ def _weight_bytes(
     return round(total)
 
 
-def _stored(weight: Weight, settings: PlanSettings, quantized_layers: set[str]) -> float:
-    """Bytes one stored weight takes once loaded: quantized if its layer is, else in `model.dtype` (floating
-    point) or as stored."""
-    if weight.name.removesuffix(".weight") in quantized_layers and len(weight.shape) == 2:
-        return stored_bytes(settings.quantize, weight.shape)
+def _stored(weight: Weight, settings: PlanSettings, quantized_layers: set[str], moved: bool = False) -> float:
+    """Bytes one stored weight takes once loaded (`moved`: of those, what block offloading moves): quantized if
+    its layer is, else in `model.dtype` (floating point) or as stored."""
+    if weight.name.removesuffix(".weight") in quantized_layers and quantizes(settings.quantize, weight.shape):
+        return (moved_bytes if moved else stored_bytes)(settings.quantize, weight.shape)
     if weight.dtype in ("F32", "F16", "BF16", "F64"):
         return weight.numel * TORCH_DTYPE_BYTES[settings.dtype]
     return weight.numel * DTYPE_BYTES.get(weight.dtype, 4)
