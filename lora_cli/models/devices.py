@@ -8,8 +8,11 @@ import torch
 
 
 def cpu_only() -> bool:
-    """No CUDA GPU, or accelerate told to use the CPU (`ACCELERATE_USE_CPU`, `accelerate launch --cpu`)."""
-    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    """No CUDA GPU, or accelerate told to use the CPU (`ACCELERATE_USE_CPU`, `accelerate launch --cpu`), read as
+    accelerate reads it."""
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
 def process_gpu() -> torch.device | None:

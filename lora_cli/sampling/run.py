@@ -94,7 +94,7 @@ def _draw_grid(request: SampleRequest, adapter_paths: list[Path], grid_path: Pat
         path=request.base, config=request.config, dtype=dtype, allow_pickle=request.allow_pickle,
         quantize=request.quantize, max_text_tokens=request.text_tokens or trained_text_tokens(adapter_paths, console),
     )  # fmt: skip
-    base = load_base(spec)
+    base = load_base(spec, device)
     for module in (base.denoiser, base.vae, *base.text_encoders.values()):
         module.to(device)
     sampler = resolve_sampler(request, adapter_paths, console)
