@@ -37,11 +37,11 @@ def test_layers_quantized_on_the_gpu_come_back_as_the_cpu_makes_them(mode: str) 
     assert (actual - expected).norm() / expected.norm() < 1e-2
 
 
-def test_an_int8_base_quantized_on_the_host_runs_on_the_gpu() -> None:
-    """int8 quantizes where the model is (the host, at load) and then moves: bitsandbytes keeps its statistics
-    beside the weight, and they must move with it."""
+def test_an_int8_base_loaded_for_the_gpu_runs_there() -> None:
+    """As `load_base` does on a GPU machine: the int8 layers are left for bitsandbytes to quantize when the model
+    moves to the GPU (a weight quantized on the host would arrive without its statistics)."""
     reference, model = blocks(), blocks()
-    quantize_linear_layers(model, "int8", torch.bfloat16)
+    quantize_linear_layers(model, "int8", torch.bfloat16, CUDA)
     inputs = torch.randn(8, 128, dtype=torch.bfloat16, device=CUDA)
     with torch.no_grad():
         expected = reference.to(CUDA)[0](inputs).float()

@@ -107,7 +107,7 @@ def quantize_linear_layers(
     elif mode in ("nf4", "fp4"):
         model.is_loaded_in_4bit = True
     _leave_the_file(model)
-    return QuantizationReport(mode, layers, quantized, total, before, _weight_bytes(model))
+    return QuantizationReport(mode, layers, quantized, total, before, _weight_bytes(model, mode))
 
 
 def _leave_the_file(model: nn.Module) -> None:
@@ -182,9 +182,17 @@ def _inputs_in(dtype: torch.dtype):
     return cast
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights, float8 ones included (those are buffers: `.to(dtype)` must not convert them)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+def _weight_bytes(model: nn.Module, mode: str | None = None) -> int:
+    """Bytes of the weights (parameters and buffers: fp8 bytes are buffers), a quantized layer's weight counted as
+    `mode` stores it (an int8 weight left for bitsandbytes to quantize on the GPU still holds float16 here)."""
+    total = 0
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if mode is not None and getattr(module, "weight_is_quantized", False):
+            tensors = [module.bias] if module.bias is not None else []
+            total += round(stored_bytes(mode, (module.out_features, module.in_features)))
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 def quantization_error(weight: torch.Tensor, mode: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lora_cli.errors import PresetError
+from lora_cli.training.host_copies import host_copies
 
 if TYPE_CHECKING:
     from lora_cli.models.base import LoadedBase
@@ -43,14 +44,17 @@ class BlockOffloader:
     _last: int | None = None
     _stream: torch.cuda.Stream | None = None
     _hooks: list = field(default_factory=list)
+    reserved_bytes: int = field(default=0, init=False)  # the host buffers the copies live in (>= host_bytes)
 
     def __post_init__(self) -> None:
         pinned = self.device.type == "cuda"
         if pinned:
             self._stream = torch.cuda.Stream(self.device)
+        frozen = [[p for p in b.parameters() if not p.requires_grad] + list(b.buffers()) for b in self.blocks]
+        copies, self.reserved_bytes = host_copies([tensor for block in frozen for tensor in block], pinned)
+        made = iter(copies)
         for index, module in enumerate(self.blocks):
-            frozen = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
-            self._held.append([(tensor, _host_copy(tensor, pinned)) for tensor in frozen])
+            self._held.append([(tensor, next(made)) for tensor in frozen[index]])
             self._hooks += [
                 module.register_forward_pre_hook(lambda _module, _args, i=index: self._load(i)),
                 module.register_forward_hook(lambda _module, _args, _output, i=index: self._unload(i)),
@@ -106,12 +110,6 @@ class BlockOffloader:
         for copy in copies:  # used on the main stream: not freed while that stream may still read it
             copy.record_stream(torch.cuda.current_stream(self.device))
         return copies, ready
-
-
-def _host_copy(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
-    """A copy on the host (made once: into pinned memory directly on CUDA, not copied a second time to pin it)."""
-    detached = tensor.detach()
-    return torch.empty_like(detached, device="cpu", pin_memory=pinned).copy_(detached)
 
 
 def offloaded_blocks(names: list[str], count: int) -> list[str]:
