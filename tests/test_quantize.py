@@ -178,7 +178,8 @@ def test_a_4bit_layer_keeps_its_bytes_for_backward_only_through_saved_tensors() 
 @pytest.mark.parametrize("mode", ["fp8", "nf4"])
 def test_quantizing_on_a_work_device_stores_the_same_bytes(mode: str) -> None:
     """The path a GPU machine takes (each layer quantized on the GPU, its bytes back on the host), with the CPU as
-    the work device: the same stored tensors as quantizing in place (tests/test_gpu.py runs it with CUDA)."""
+    the work device: the same stored tensors as quantizing in place (tests/test_device_moves.py takes it with
+    CUDA on a GPU machine)."""
     import torch
     from torch import nn
 

@@ -1,19 +1,19 @@
 """float8 (e4m3) storage for a frozen Linear layer: one byte per weight plus a float32 scale per output row,
 upcast to the compute dtype when the layer runs (`model.quantize: fp8`).
 
-The upcast weight lives only while a matmul uses it: the layer's autograd function keeps the float8 bytes for
-backward and upcasts them again there, as bitsandbytes' 4-bit matmul does. `functional.linear` on the upcast
-weight would keep that copy from forward to backward, and without gradient checkpointing every layer's copy at
-once: more memory than the unquantized base."""
+The upcast weight lives only while a matmul uses it (`FrozenMatmul` keeps the float8 bytes for backward and
+upcasts them again there): `functional.linear` on the upcast weight would keep that copy from forward to
+backward, and without gradient checkpointing every layer's copy at once, more memory than the unquantized base."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional
+
+from lora_cli.models.frozen_matmul import FrozenMatmul
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
@@ -58,34 +58,10 @@ class Float8Linear(nn.Linear):
         return upcast(self.weight_fp8, self.weight_scale, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Float8Matmul.apply(x, self.weight_fp8, self.weight_scale, self.bias, self.compute_dtype)
+        dequantize = partial(upcast, dtype=self.compute_dtype)
+        return FrozenMatmul.apply(x, self.bias, dequantize, self.weight_fp8, self.weight_scale)
 
 
 def upcast(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype` from its float8 bytes and row scales."""
     return stored.view(torch.float8_e4m3fn).to(dtype).mul_(scale[:, None].to(dtype))  # one temporary, not two
-
-
-class Float8Matmul(torch.autograd.Function):
-    """`x @ weight.T + bias` for a frozen float8 weight, saving the bytes rather than the upcast weight for
-    backward (which needs the weight only for the input's gradient)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        stored: torch.Tensor,
-        scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(stored, scale)
-        ctx.dtype, ctx.input_dtype = dtype, x.dtype
-        return functional.linear(x, upcast(stored, scale, dtype), bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        stored, scale = ctx.saved_tensors
-        weight = upcast(stored, scale, ctx.dtype)
-        grad_input = grad_output.to(weight.dtype) @ weight if ctx.needs_input_grad[0] else None
-        return (None if grad_input is None else grad_input.to(ctx.input_dtype)), None, None, None, None
