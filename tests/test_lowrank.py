@@ -36,8 +36,11 @@ def rebuilt(named: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_energy_one_keeps_the_numerical_rank_and_the_update(delta: torch.Tensor) -> None:
     named, kept = low_rank(delta, None, 1.0)
     matrix = delta.flatten(1)
-    assert named["lora_down.weight"].shape[0] == int(torch.linalg.matrix_rank(matrix))
-    assert float((rebuilt(named) - matrix).norm()) <= 1e-5 * float(matrix.norm())
+    rank = named["lora_down.weight"].shape[0]
+    assert rank == int(torch.linalg.matrix_rank(matrix))
+    # what is dropped lies under matrix_rank's tolerance (largest singular value x eps x larger side) each
+    noise = (min(matrix.shape) - rank) ** 0.5 * torch.finfo(torch.float32).eps * max(matrix.shape)
+    assert float((rebuilt(named) - matrix).norm()) <= (1e-5 + noise) * float(matrix.norm())
     assert kept > 1 - 1e-6
     if delta.dim() == 4:
         assert named["lora_down.weight"].shape[1:] == delta.shape[1:] and named["lora_up.weight"].dim() == 4
