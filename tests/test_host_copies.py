@@ -29,14 +29,15 @@ def tensors(draw: st.DrawFn) -> list[torch.Tensor]:
 @settings(max_examples=60, deadline=None)
 @given(tensors())
 def test_copies_are_exact_and_live_in_a_few_buffers(originals: list[torch.Tensor]) -> None:
-    copies, reserved = host_copies(originals, pinned=False)
+    copies = host_copies(originals, pinned=False)
     for original, copy in zip(originals, copies, strict=True):
         assert copy.dtype == original.dtype and copy.shape == original.shape
         assert torch.equal(copy.reshape(-1).view(torch.uint8), original.reshape(-1).view(torch.uint8))
         assert copy.numel() == 0 or copy.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
-    assert reserved >= sum(t.numel() * t.element_size() for t in originals)
     buffers = {copy.untyped_storage().data_ptr(): copy.untyped_storage().nbytes() for copy in copies if copy.numel()}
-    assert all(size & (size - 1) == 0 for size in buffers.values()) and sum(buffers.values()) <= reserved
+    assert all(size & (size - 1) == 0 for size in buffers.values())  # powers of two: torch's allocator adds nothing
+    needed = sum(t.numel() * t.element_size() for t in originals)
+    assert needed <= sum(buffers.values()) <= max(2 * needed, 2 * 2**20)
 
 
 @settings(max_examples=200, deadline=None)

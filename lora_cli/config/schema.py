@@ -228,8 +228,7 @@ class TrainSection(Section):
         description="Keep the frozen weights of this many of a DiT's repeated blocks (the last ones) in host memory "
         "(pinned on CUDA) and copy each to the GPU just before it runs, the next one prefetched on a side stream; "
         "adapters stay on the GPU. Needs `gradient_checkpointing`; not with `compile`, FSDP or an int8 base. "
-        "`lora-train --plan` "
-        "gives the memory saved and the transfer time per step.",
+        "`lora-train --plan` gives the memory saved and the transfer time per step.",
     )
     fused_optimizer: bool | None = Field(
         None,

@@ -116,12 +116,16 @@ def _leave_the_file(model: nn.Module) -> None:
     quantizing read stays resident: the full-precision weights would count in RAM beside their quantized copies.
     Quantized weights are fresh already (and bitsandbytes keeps int8 statistics tied to the weight's tensor)."""
     for module in model.modules():
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if getattr(module, "weight_is_quantized", False):
-            tensors = [module.bias] if module.bias is not None else []
-        for tensor in tensors:
+        for tensor in _unquantized_tensors(module):
             if tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
+
+
+def _unquantized_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """`module`'s own parameters and buffers, or a quantized layer's bias only."""
+    if getattr(module, "weight_is_quantized", False):
+        return [module.bias] if module.bias is not None else []
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
 def _bitsandbytes():
@@ -187,11 +191,9 @@ def _weight_bytes(model: nn.Module, mode: str | None = None) -> int:
     `mode` stores it (an int8 weight left for bitsandbytes to quantize on the GPU still holds float16 here)."""
     total = 0
     for module in model.modules():
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if mode is not None and getattr(module, "weight_is_quantized", False):
-            tensors = [module.bias] if module.bias is not None else []
             total += round(stored_bytes(mode, (module.out_features, module.in_features)))
-        total += sum(t.numel() * t.element_size() for t in tensors)
+        total += sum(t.numel() * t.element_size() for t in _unquantized_tensors(module))
     return total
 
 

@@ -16,13 +16,11 @@ ALIGN = 512  # bytes: every copy starts where a view of any dtype may start
 SMALLEST = 2 * 2**20  # bytes: the smallest buffer; the total is rounded up to a multiple of it
 
 
-def host_copies(tensors: Sequence[torch.Tensor], pinned: bool) -> tuple[list[torch.Tensor], int]:
-    """(copies of `tensors` on the host, each a view into a shared buffer, in pinned memory when `pinned`; the
-    buffers' bytes)."""
+def host_copies(tensors: Sequence[torch.Tensor], pinned: bool) -> list[torch.Tensor]:
+    """Copies of `tensors` on the host, each a view into a shared buffer, in pinned memory when `pinned`."""
     sizes, places = placement([tensor.numel() * tensor.element_size() for tensor in tensors])
     buffers = [torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=pinned) for size in sizes]
-    copies = [_carve(buffers[slot], offset, tensor) for (slot, offset), tensor in zip(places, tensors, strict=True)]
-    return copies, sum(sizes)
+    return [_carve(buffers[slot], offset, tensor) for (slot, offset), tensor in zip(places, tensors, strict=True)]
 
 
 def placement(sizes: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:

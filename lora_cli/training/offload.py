@@ -44,15 +44,13 @@ class BlockOffloader:
     _last: int | None = None
     _stream: torch.cuda.Stream | None = None
     _hooks: list = field(default_factory=list)
-    reserved_bytes: int = field(default=0, init=False)  # the host buffers the copies live in (>= host_bytes)
 
     def __post_init__(self) -> None:
         pinned = self.device.type == "cuda"
         if pinned:
             self._stream = torch.cuda.Stream(self.device)
         frozen = [[p for p in b.parameters() if not p.requires_grad] + list(b.buffers()) for b in self.blocks]
-        copies, self.reserved_bytes = host_copies([tensor for block in frozen for tensor in block], pinned)
-        made = iter(copies)
+        made = iter(host_copies([tensor for block in frozen for tensor in block], pinned))
         for index, module in enumerate(self.blocks):
             self._held.append([(tensor, next(made)) for tensor in frozen[index]])
             self._hooks += [
