@@ -152,20 +152,36 @@ def plan_peak(preset: dict, path: Path) -> str:
     return found.group(1) if found else f"failed (exit {result.returncode})"
 
 
-def run_with_rusage(command: list[str], log: Path, limit: float) -> tuple[int | None, int]:
+def run_with_rusage(command: list[str], log: Path, limit: float) -> tuple[int | None, int, int]:
     """Run `command` from the project root, its output into `log`; (its exit code, or None when it was killed
-    after `limit` seconds; its peak RSS in bytes, from its own rusage)."""
+    after `limit` seconds; its peak RSS in bytes, from its own rusage; its peak anonymous memory, RssAnon
+    sampled every 50 ms: RSS without the file pages of memory-mapped weights, which the kernel can drop)."""
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-    killed = threading.Event()
+    killed, done = threading.Event(), threading.Event()
+    anonymous = [0]
+
+    def sample() -> None:
+        status = Path(f"/proc/{process.pid}/status")
+        while not done.wait(0.05):
+            try:
+                line = next(line for line in status.read_text().splitlines() if line.startswith("RssAnon:"))
+            except (OSError, StopIteration):  # gone, or a zombie until reaped
+                continue
+            anonymous[0] = max(anonymous[0], int(line.split()[1]) * 1024)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     timer = threading.Timer(limit, lambda: (killed.set(), process.kill()))
     timer.start()
     try:
         _, status, usage = os.wait4(process.pid, 0)
     finally:
         timer.cancel()
+        done.set()
+        sampler.join()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    return (None if killed.is_set() else process.returncode), usage.ru_maxrss * 1024
+    return (None if killed.is_set() else process.returncode), usage.ru_maxrss * 1024, anonymous[0]
 
 
 def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
@@ -175,7 +191,7 @@ def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
     run = [sys.executable, "-m", "benchmarks.step_timer", str(stamps), *case.command]
     began = time.perf_counter()
     with GpuMemoryPeak() as memory:
-        returncode, rss = run_with_rusage(run, log, min(case.timeout, limit))
+        returncode, rss, anonymous = run_with_rusage(run, log, min(case.timeout, limit))
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
     if returncode is None:
         tail = [f"not finished after {min(case.timeout, limit):.0f} s"]
@@ -184,6 +200,7 @@ def run_case(case: Case, work: Path, limit: float) -> dict[str, object]:
         "wall_s": round(time.perf_counter() - began, 1),
         "gpu_peak_mib": memory.peak,
         "ram_peak_mib": round(rss / 2**20),
+        "anonymous_peak_mib": round(anonymous / 2**20),
     }
     if stamps.exists():
         times = json.loads(stamps.read_text())

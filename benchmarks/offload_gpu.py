@@ -13,10 +13,11 @@ LoRA, batch 1, bf16, AdamW8bit, checkpointing, caches on) trains at 512 px in fr
   every block resident (the baseline for the slowdown per block).
 Each row: s/step (median optimizer-step interval after the first quarter, `benchmarks.step_timer`), GPU peak by
 nvidia-smi (every 50 ms, CUDA context included, as the planner counts it) and torch's allocator peak beside the
-plan's GPU peak, and the process's peak RSS (its own rusage) beside the plan's RAM peak (offloaded blocks wait
-in pinned host memory). Runs that would pass `--deadline` seconds are skipped. `--small` is a CPU dry run of the same
-script with a tiny Flux-shaped folder, budgets just under each resident plan and no nf4 (bitsandbytes' 4-bit
-kernels need CUDA): it checks the script, not the numbers.
+plan's GPU peak, the process's peak RSS (its own rusage) beside the plan's resident peak (file pages of the weights
+read once included), and its peak anonymous memory (RssAnon, sampled) beside the plan's RAM peak (what must fit:
+offloaded blocks and streamed text encoders wait in pinned host memory). Runs that would pass `--deadline` seconds
+are skipped. `--small` is a CPU dry run of the same script with a tiny Flux-shaped folder, budgets just under each
+resident plan and no nf4 (bitsandbytes' 4-bit kernels need CUDA): it checks the script, not the numbers.
 """
 
 from __future__ import annotations
@@ -208,9 +209,12 @@ COLUMNS: tuple[Column, ...] = (
     ("allocator peak (MiB)", lambda row: row.get("allocator_peak_mib", "")),
     ("--plan (MiB)", lambda row: row.get("plan_mib", "")),
     ("GPU vs plan", versus("gpu_peak_mib", "plan_mib")),
-    ("RAM peak (MiB)", lambda row: row.get("ram_peak_mib", "")),
+    ("RSS peak (MiB)", lambda row: row.get("ram_peak_mib", "")),
+    ("RSS plan (MiB)", lambda row: row.get("plan_rss_mib", "")),
+    ("RSS vs plan", versus("ram_peak_mib", "plan_rss_mib")),
+    ("RssAnon peak (MiB)", lambda row: row.get("anonymous_peak_mib", "")),
     ("RAM plan (MiB)", lambda row: row.get("plan_ram_mib", "")),
-    ("RAM vs plan", versus("ram_peak_mib", "plan_ram_mib")),
+    ("RssAnon vs RAM plan", versus("anonymous_peak_mib", "plan_ram_mib")),
 )
 
 
@@ -254,6 +258,7 @@ def main() -> None:
                 plan = plan_of(run)
                 row["plan_mib"] = round(plan.peak_device_bytes / 2**20)
                 row["plan_ram_mib"] = round(plan.peak_ram_bytes / 2**20)
+                row["plan_rss_mib"] = round(plan.peak_resident_bytes / 2**20)
             settings = dict(item.split("=", 1) for item in overrides or [])
             row["settings"] = ", ".join(f"{key}: {value}" for key, value in settings.items()) or "as the preset"
             row["quantize"] = settings.get("model.quantize", "nf4")

@@ -1,12 +1,12 @@
 """How close `lora-train --plan`'s CPU estimate comes to the measured peak RSS of real training runs.
 
-Each case trains a few steps with `lora-train` in a fresh subprocess (OMP_NUM_THREADS=1) and takes that
-child's `ru_maxrss` from `os.wait4`; the estimate is the planner's peak RAM for device "cpu" on the same
-preset. Models: the tiny toy pipeline, the shipped `builtin:shapes` base, a mid-size SD1.5-layout pipeline
-(UNet channels 160/320/640/640, CLIP-L-width text encoder, SD VAE; about 1.4 GB), also as one single-file
-checkpoint, a mid-size Flux-layout DiT (512 wide, 2 double and 4 single blocks, 256-wide T5; about 170 MB), a
-mid-size Wan-layout video DiT (512 wide, 4 blocks, Wan 2.1's VAE layout at width 32) on 9-frame clips, and,
-with `--full-size`, random weights in SD1.5's shapes (about 4 GB).
+Each case trains a few steps with `lora-train` in a fresh subprocess (OMP_NUM_THREADS=1) and takes that child's
+`ru_maxrss` from `os.wait4`; the estimate is the planner's resident peak for device "cpu" on the same preset (its
+RAM peak plus the file pages of weights read once, which RSS counts too). Models: the tiny toy pipeline, the shipped
+`builtin:shapes` base, a mid-size SD1.5-layout pipeline (UNet channels 160/320/640/640, CLIP-L-width text encoder,
+SD VAE; about 1.4 GB), also as one single-file checkpoint, a mid-size Flux-layout DiT (512 wide, 2 double and 4
+single blocks, 256-wide T5; about 170 MB), a mid-size Wan-layout video DiT (512 wide, 4 blocks, Wan 2.1's VAE layout
+at width 32) on 9-frame clips, and, with `--full-size`, random weights in SD1.5's shapes (about 4 GB).
 
 Run: `python benchmarks/plan_accuracy.py [--full-size] [--models DIR] [--json numbers.json]`
 (about 8 minutes; 15 more with --full-size).
@@ -178,7 +178,8 @@ def estimate_mib(preset: dict) -> float:
     from lora_cli.config import validate_preset
     from lora_cli.planning import plan_preset
 
-    return plan_preset(validate_preset(preset, "benchmark"), device="cpu", images=IMAGES).peak_ram_bytes / MiB
+    plan = plan_preset(validate_preset(preset, "benchmark"), device="cpu", images=IMAGES)
+    return plan.peak_resident_bytes / MiB  # peak RSS counts the file pages quantizing reads
 
 
 def measure_mib(preset: dict, folder: Path) -> float:

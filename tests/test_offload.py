@@ -195,6 +195,43 @@ def test_flux_dev_headers_plan_to_8_gib_with_nf4_and_offloading(tmp_path: Path, 
     assert advice[2].startswith("fits with 2 change(s)")
 
 
+def test_a_gpu_runs_ram_counts_pinned_copies_but_not_file_pages_read_once(tmp_path: Path) -> None:
+    """FLUX.1-dev's shapes in nf4 with 4 offloaded blocks on a GPU: RAM peaks while the caches fill, the quantized
+    transformer waiting on the host and T5-XXL's blocks in pinned memory; the bf16 files read on the way (T5's,
+    the full-precision transformer quantizing reads) are file pages, so 32 GiB of RAM is enough. Without caches
+    T5's pinned blocks stay for training; a base converted to another dtype needs its full-precision copy."""
+    from dataclasses import replace
+
+    from benchmarks.shaped_headers import flux_dev
+    from lora_cli.config.schema import AdapterSection, ModelSection
+    from lora_cli.planning import Budget, PlanSettings, advise, estimate_memory, read_inventory
+
+    gib = 2**30
+    inventory = read_inventory(ModelSection(path=str(flux_dev(tmp_path / "flux-dev"))))
+    ready = PlanSettings(
+        adapter=AdapterSection(rank=16, targets="attention"), resolution=512, batch_size=1, dtype="bfloat16",
+        gradient_checkpointing=True, mixed_precision="bf16", quantize="nf4", optimizer="adamw8bit",
+        cache_latents=True, cache_text_embeddings=True, offload_blocks=4,
+    )  # fmt: skip
+    plan = estimate_memory(inventory, ready)
+    parts = {part.name: part for part in plan.ram_parts}
+    assert plan.ram_phase == "cache"
+    assert 8 * gib < parts["weights: text_encoder_2 (24 blocks in pinned host memory)"].bytes < 9 * gib
+    assert 5 * gib < parts["weights: transformer (waiting for training)"].bytes < 6 * gib
+    assert parts["weights: text_encoder_2 (file read on the way to the GPU)"].file_pages
+    assert plan.peak_ram_bytes == sum(part.bytes for part in plan.ram_parts if not part.file_pages) < 17 * gib
+    assert plan.peak_resident_bytes > plan.peak_ram_bytes + 10 * gib  # the 22 GiB file quantizing reads
+    start = replace(ready, quantize="none", offload_blocks=0)
+    assert advise(inventory, start, Budget(vram=8 * gib, ram=32 * gib)).fits
+
+    uncached = estimate_memory(inventory, replace(ready, cache_latents=False, cache_text_embeddings=False))
+    names = {part.name for part in uncached.ram_parts}
+    assert uncached.ram_phase == "train" and "weights: text_encoder_2 (24 blocks in pinned host memory)" in names
+    assert "offloaded blocks (pinned host memory, 4 blocks)" in names
+    converted = estimate_memory(inventory, replace(ready, dtype="float16"))
+    assert converted.ram_phase == "load" and converted.peak_ram_bytes > 22 * gib
+
+
 def test_flux_dev_headers_plan_the_issues_budgets(tmp_path: Path, shapes_data: Path) -> None:
     """The settings `benchmarks/offload_gpu.py` measures on a GPU, chosen by the planner for FLUX.1-dev's shapes
     (rank 16, 512 px, batch 1): nf4 with offloaded blocks in 8 GiB, fp8 in 12 GiB and bf16 in 16 GiB, each with

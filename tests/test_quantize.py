@@ -214,6 +214,33 @@ def test_a_quantized_denoiser_lets_go_of_its_memory_mapped_file(wide_flux: Path)
     assert any(buffer.dtype == torch.uint8 for buffer in base.denoiser.buffers())  # still the fp8 model
 
 
+def test_the_full_precision_denoiser_is_read_from_its_file_where_the_planner_says(wide_flux: Path) -> None:
+    """Quantizing reads the denoiser's full-precision weights as loaded. Stored in `model.dtype` (this float32
+    file), diffusers leaves them in the file's memory mapping, so the plan counts them as file pages (resident,
+    but dropped by the kernel when RAM runs short); in another dtype they are a converted copy that must fit."""
+    from lora_cli.config.schema import AdapterSection
+    from lora_cli.models import load_base
+    from lora_cli.planning import PlanSettings, estimate_memory, read_inventory
+
+    file = str(next((wide_flux / "transformer").glob("*.safetensors")).resolve())
+    inventory = read_inventory(ModelSection(path=str(wide_flux)))
+    for dtype, from_file in (("float32", True), ("bfloat16", False)):
+        base = load_base(ModelSection(path=str(wide_flux), dtype=dtype))
+        ranges = [
+            [int(address, 16) for address in line.split()[0].split("-")]
+            for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith(file)
+        ]
+        weights = [m.weight for m in base.denoiser.modules() if type(m).__name__ == "Linear"]
+        mapped = [any(start <= w.data_ptr() < end for start, end in ranges) for w in weights]
+        assert weights and all(mapped) if from_file else not any(mapped)
+        settings = PlanSettings(adapter=AdapterSection(), quantize="fp8", dtype=dtype)
+        plan = estimate_memory(inventory, settings, "cuda")  # a GPU run's RAM peaks while loading here
+        full = next(part for part in plan.ram_parts if part.name.startswith("full-precision"))
+        assert full.file_pages is from_file
+        del base
+
+
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
 def test_an_fp8_base_trains_every_algorithm(kind, write_preset, wide_flux: Path, shapes_data: Path) -> None:
     adapter = {"type": "lora", "dora": True} if kind == "dora" else {"type": kind}

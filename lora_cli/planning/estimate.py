@@ -1,11 +1,12 @@
 """Peak device memory and system RAM of a training run, estimated from the preset and the base's headers.
 
 A run goes through three phases, and each peak is the largest phase total:
-- load: every component is read into RAM in `model.dtype` (quantizing needs a full-precision copy of the
-  component being quantized);
+- load: components stored in another dtype are converted into RAM (those in `model.dtype` stay memory-mapped
+  until used); quantizing reads the full-precision denoiser once;
 - cache: the encoders work on the device (adapter already injected) to fill the latent/text caches;
 - train: the denoiser (and the encoders still held), adapter, gradients, optimizer state and activations.
-On "cuda" the device holds cache and train, and RAM peaks while loading. On "cpu" everything is RAM.
+On "cuda" the device holds cache and train, and RAM holds what waits for the device or is offloaded. On "cpu"
+everything is RAM. File pages read once (`Part.file_pages`) show in RSS but are not part of what must fit.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import TYPE_CHECKING
 from lora_cli.adapters.registry import get_algorithm
 from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import ModelLoadError
-from lora_cli.models.quantize import moved_bytes, quantizes, stored_bytes
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
-from lora_cli.planning.inventory import DTYPE_BYTES, TORCH_DTYPE_BYTES, BaseInventory, Weight
+from lora_cli.planning.inventory import TORCH_DTYPE_BYTES, BaseInventory
 from lora_cli.planning.llm_dit_activations import LLM_DIT_MODELS
 from lora_cli.planning.offload import HOST_LINK_GBPS, at_once, copy_note, offloaded_block_bytes, streamed_bytes
+from lora_cli.planning.stored import StoredWeights
+from lora_cli.planning.text_tokens import denoiser_text_tokens, encoder_tokens, text_encoders
 from lora_cli.planning.transformer_activations import DIT_MODELS
 from lora_cli.training.encoders import CACHE_BATCH
 
@@ -109,10 +111,13 @@ class PlanSettings:
 
 @dataclass(frozen=True)
 class Part:
-    """One line of a breakdown."""
+    """One line of a breakdown. `file_pages`: pages of a memory-mapped weights file read once (to quantize it, or
+    on its way to the GPU); resident RAM while mapped, but the kernel drops them when RAM runs short, so they are
+    not part of what must fit."""
 
     name: str
     bytes: int
+    file_pages: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class MemoryPlan:
     notes: tuple[str, ...] = field(default=())
     offloaded_bytes: int = 0  # frozen weights kept in pinned host memory (`train.offload_blocks`)
     offloadable_blocks: int = 0  # a DiT's repeated blocks, which `train.offload_blocks` can take; a UNet's: 0
+    peak_resident_bytes: int = 0  # RAM with the file pages read once: what the process's RSS may show
 
 
 def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: str = "cuda") -> MemoryPlan:
@@ -142,20 +148,18 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
     load = _load_phase(inventory, settings, facts, device)
     cache = _cache_phase(inventory, settings, facts, device)
     train = _train_phase(inventory, settings, facts, device)
-    ram_phases = {"load": load} if device == "cuda" else {"load": load, "cache": cache, "train": train}
-    if device == "cuda" and facts.offloaded:  # the offloaded blocks stay in pinned RAM while training
-        ram_phases["train"] = (
-            Part("runtime (Python, torch, libraries)", CUDA_RUNTIME_RAM),
-            Part(f"offloaded blocks (pinned host memory, {len(facts.offloaded)} blocks)", sum(facts.offloaded)),
-        )
+    if device == "cuda":
+        ram_phases = {"load": load, **_host_phases_of_a_gpu_run(inventory, settings, facts)}
+    else:
+        ram_phases = {"load": load, "cache": cache, "train": train}
     device_phases = {"cache": cache, "train": train} if device == "cuda" else ram_phases
     device_phase = _largest(device_phases)
     ram_phase = _largest(ram_phases)
     return MemoryPlan(
         device=device,
         settings=settings,
-        peak_device_bytes=max(_total(parts) for parts in device_phases.values()),
-        peak_ram_bytes=max(_total(parts) for parts in ram_phases.values()),
+        peak_device_bytes=max(_needed(parts) for parts in device_phases.values()),
+        peak_ram_bytes=max(_needed(parts) for parts in ram_phases.values()),
         device_phase=device_phase,
         ram_phase=ram_phase,
         device_parts=device_phases[device_phase],
@@ -165,6 +169,7 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
         notes=facts.notes,
         offloaded_bytes=sum(facts.offloaded) if device == "cuda" else 0,
         offloadable_blocks=len(facts.blocks) if facts.architecture.denoiser_name == "transformer" else 0,
+        peak_resident_bytes=max(sum(part.bytes for part in parts) for parts in ram_phases.values()),
     )
 
 
@@ -174,6 +179,7 @@ class _Facts:
 
     architecture: Architecture
     model: ActivationModel
+    weights: StoredWeights
     adapter_sizes: tuple[int, ...]
     denoiser_adapter: int  # elements of the denoiser's share of `adapter_sizes` (FSDP shards it)
     largest_block: int  # elements of the denoiser's largest block (FSDP gathers blocks whole)
@@ -190,6 +196,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     model = ACTIVATION_MODELS[architecture.name]
     section = settings.adapter
     denoiser = architecture.denoiser_name
+    stored = StoredWeights(inventory, settings, denoiser)
     layers = adaptable_layers(inventory.layer_shapes(denoiser))
     vectors = {w.name: w.shape for w in inventory.components[denoiser] if w.name.removesuffix(".weight") not in layers}
     targets = select_targets(layers, section, architecture.target_presets, model.blocks(layers), denoiser)
@@ -200,7 +207,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     largest_block = max((sum(w.numel for w in weights if w.name.startswith(f"{b}.")) for b in blocks), default=0)
     linear = set(layers) if settings.quantize != "none" else set()
     offloaded = offloaded_block_bytes(
-        weights, blocks, settings.offload_blocks, lambda w: _stored(w, settings, linear, moved=True)
+        weights, blocks, settings.offload_blocks, lambda w: stored.weight_bytes(w, linear, moved=True)
     )
     adapted = len(targets)
     query = DenoiserQuery(
@@ -210,7 +217,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
         full_delta=get_algorithm(section.type).full_delta,
         dora=section.dora,
         latent_tokens=(settings.resolution // model.latent_factor) ** 2 * _latent_frames(settings, model),
-        text_tokens=_text_tokens(inventory, architecture, settings, model),
+        text_tokens=denoiser_text_tokens(inventory, architecture, model.clip_tokens, settings.text_tokens),
         vectors=vectors,
     )
     text_activations = 0.0
@@ -221,7 +228,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
             te_targets = match_targets(te_layers, patterns, f"adapter.text_encoder_targets ({component})")
             sizes += [size for name in te_targets for size in adapter_tensor_sizes(section, te_layers[name])]
             adapted += len(te_targets)
-            tokens = _encoder_tokens(inventory, component, architecture, settings)
+            tokens = encoder_tokens(inventory, component, architecture, settings.text_tokens)
             text_activations += model.text_encoder(te_layers, frozenset(te_targets), section.rank, tokens)
     notes = ("previews (inference and VAE decoding at sample time) are not counted",) if settings.keep_encoders else ()
     if settings.processes > 1:
@@ -232,6 +239,7 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
     return _Facts(
         architecture,
         model,
+        stored,
         tuple(sizes),
         denoiser_adapter,
         largest_block,
@@ -245,18 +253,74 @@ def _facts(inventory: BaseInventory, settings: PlanSettings) -> _Facts:
 
 
 def _load_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
-    """Loading into RAM. On the CPU a memory-mapped component is not resident until it is used; for a GPU
-    every component passes through RAM on its way to the device."""
-    runtime = CUDA_RUNTIME_RAM if device == "cuda" else CPU_RUNTIME
-    parts = [Part("runtime (Python, torch, libraries)", runtime)]
+    """Loading into RAM. A memory-mapped component is not resident until it is used; one stored in another dtype
+    is converted into a copy in RAM. Quantizing reads the full-precision denoiser once, layer by layer: from a
+    memory-mapped file, those are file pages; converted, a full copy."""
+    parts = [_host_runtime(device)]
     for name in inventory.components:
-        if device == "cuda" or not _mapped(inventory, settings, facts, name):
-            parts.append(Part(f"weights: {name}", _weight_bytes(inventory, settings, facts, name)))
+        if not facts.weights.mapped(name):
+            parts.append(Part(f"weights: {name}", facts.weights.component_bytes(name)))
     denoiser = facts.architecture.denoiser_name
     if settings.quantize != "none":
-        full = _weight_bytes(inventory, settings, facts, denoiser, quantize=False)
-        parts.append(Part(f"full-precision {denoiser} while it is quantized", full))
+        full = facts.weights.component_bytes(denoiser, quantize=False)
+        from_file = facts.weights.in_model_dtype(denoiser)
+        parts.append(Part(f"full-precision {denoiser} while it is quantized", full, file_pages=from_file))
     return tuple(parts)
+
+
+def _host_phases_of_a_gpu_run(
+    inventory: BaseInventory, settings: PlanSettings, facts: _Facts
+) -> dict[str, tuple[Part, ...]]:
+    """RAM of a GPU run after loading. While the caches fill the denoiser waits on the host (its quantized or
+    converted copy; memory-mapped, unread); the encoders move to the GPU (memory-mapped ones read from their
+    files on the way). When training starts the denoiser moves too. Block offloading keeps the offloaded blocks,
+    and the text encoders' streamed blocks while the encoders are held, in pinned host memory."""
+    denoiser = facts.architecture.denoiser_name
+    encoders = [name for name in inventory.components if name != denoiser]
+    caching = settings.cache_latents or settings.cache_text_embeddings
+    phases = {}
+    if caching:
+        cache = [_host_runtime("cuda"), *_read_on_the_way(facts, encoders), *_pinned_text_encoders(facts, encoders)]
+        if not facts.weights.mapped(denoiser):
+            cache.append(Part(f"weights: {denoiser} (waiting for training)", facts.weights.component_bytes(denoiser)))
+        phases["cache"] = tuple(cache)
+    held = [name for name in encoders if name not in _released(inventory, settings, facts)]
+    train = [_host_runtime("cuda"), *_read_on_the_way(facts, [denoiser] if caching else [denoiser, *encoders])]
+    train += _pinned_text_encoders(facts, held)
+    if facts.offloaded:
+        blocks = f"offloaded blocks (pinned host memory, {len(facts.offloaded)} blocks)"
+        train.append(Part(blocks, sum(facts.offloaded)))
+    phases["train"] = tuple(train)
+    return phases
+
+
+def _read_on_the_way(facts: _Facts, names: list[str]) -> list[Part]:
+    """File pages of the memory-mapped components among `names`, read on their way to the GPU."""
+    weights = facts.weights
+    return [
+        Part(f"weights: {name} (file read on the way to the GPU)", weights.component_bytes(name), file_pages=True)
+        for name in names
+        if weights.mapped(name)
+    ]
+
+
+def _pinned_text_encoders(facts: _Facts, names: list[str]) -> list[Part]:
+    """With block offloading, the pinned host copies of the streamed text encoders' blocks among `names`."""
+    if not facts.weights.settings.offload_blocks:
+        return []
+    streamed = [(name, _streamed(facts, name, "cuda")) for name in names if name != "vae"]
+    return [
+        Part(f"weights: {name} ({found[1]} blocks in pinned host memory)", found[2])
+        for name, found in streamed
+        if found
+    ]
+
+
+def _streamed(facts: _Facts, name: str, device: str) -> tuple[int, int, int] | None:
+    """A text encoder's bytes on the GPU, block count and pinned host bytes when its blocks stream."""
+    weights = facts.weights
+    full = weights.component_bytes(name, device)
+    return streamed_bytes(weights.inventory.components[name], full, lambda w: weights.weight_bytes(w, set()))
 
 
 def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
@@ -266,9 +330,9 @@ def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     parts = [_runtime(device)]
     denoiser = facts.architecture.denoiser_name
     for name in inventory.components:
-        if name == denoiser and (device == "cuda" or _mapped(inventory, settings, facts, name)):
+        if name == denoiser and (device == "cuda" or facts.weights.mapped(name)):
             continue  # it waits in RAM until training (and, memory-mapped on the CPU, is not read before)
-        parts.append(_held_weights(inventory, settings, facts, name, device))
+        parts.append(_held_weights(settings, facts, name, device))
     parts.append(Part("adapter", 4 * sum(facts.adapter_sizes)))
     if settings.cache_latents:
         chunk = min(CACHE_BATCH, settings.images or CACHE_BATCH)
@@ -277,23 +341,29 @@ def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     return tuple(parts)
 
 
-def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
-    parts = [_runtime(device)]
+def _released(inventory: BaseInventory, settings: PlanSettings, facts: _Facts) -> set[str]:
+    """The encoders let go once the caches are full (previews keep them)."""
     released = set()
     if settings.cache_latents and not settings.keep_encoders:
         released.add("vae")
     if settings.cache_text_embeddings and settings.text_cache_allowed and not settings.keep_encoders:
-        released |= set(_text_encoders(inventory, facts.architecture))
+        released |= set(text_encoders(inventory, facts.architecture))
+    return released
+
+
+def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
+    parts = [_runtime(device)]
+    released = _released(inventory, settings, facts)
     for name in inventory.components:
         if settings.sharded and name == facts.architecture.denoiser_name:
             parts += _sharded_weights(inventory, settings, facts, name, device)
         elif facts.offloaded and name == facts.architecture.denoiser_name and device == "cuda":
-            full = _weight_bytes(inventory, settings, facts, name, device)
+            full = facts.weights.component_bytes(name, device)
             parts.append(Part(f"weights: {name} (without {len(facts.offloaded)} offloaded blocks)",
                               full - sum(facts.offloaded)))  # fmt: skip
             parts.append(Part("offloaded blocks on the GPU at once (2: running, prefetched)", at_once(facts.offloaded)))
         elif name not in released:
-            parts.append(_held_weights(inventory, settings, facts, name, device))
+            parts.append(_held_weights(settings, facts, name, device))
     adapter = sum(facts.adapter_sizes)
     # FSDP splits the denoiser's adapter, its gradients and optimizer state; a text encoder's stays whole.
     share = (adapter - facts.denoiser_adapter * (1 - 1 / settings.processes)) / adapter if settings.sharded else 1
@@ -318,14 +388,13 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
     return (*parts, max(activation, encoding, key=lambda part: part.bytes))
 
 
-def _held_weights(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
+def _held_weights(settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
     """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks."""
-    full = _weight_bytes(inventory, settings, facts, name, device)
-    streamed = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
-    found = streamed and streamed_bytes(inventory.components[name], full, lambda w: _stored(w, settings, set()))
+    streams = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
+    found = streams and _streamed(facts, name, device)
     if not found:
-        return Part(f"weights: {name}", full)
-    resident, blocks = found
+        return Part(f"weights: {name}", facts.weights.component_bytes(name, device))
+    resident, blocks, _host = found
     return Part(f"weights: {name} (blocks streamed, 2 of {blocks} at once)", resident)
 
 
@@ -335,7 +404,7 @@ def _sharded_weights(
     """FSDP: this process's shard, plus what is gathered at once: up to three blocks (computing, prefetching,
     copying out of the gather buffer), or every other shard by the end of the forward pass when gathered
     weights are kept for backward."""
-    full = _weight_bytes(inventory, settings, facts, name, device)
+    full = facts.weights.component_bytes(name, device)
     shard = full // settings.processes
     if settings.reshard_after_forward:
         blocks = min(3 * facts.largest_block * TORCH_DTYPE_BYTES[settings.dtype], full - shard)
@@ -354,37 +423,6 @@ def _activation_bytes(settings: PlanSettings, facts: _Facts, device: str) -> int
         per_sample, allocator = counts.peak(settings.gradient_checkpointing), CUDA_ALLOCATOR_FACTOR
     elements = (per_sample + facts.text_activations) * settings.batch_size
     return round((elements * _activation_dtype_bytes(settings) + 4 * counts.per_step) * allocator)
-
-
-def _weight_bytes(
-    inventory: BaseInventory,
-    settings: PlanSettings,
-    facts: _Facts,
-    component: str,
-    device: str = "cuda",
-    quantize: bool = True,
-) -> int:
-    """Bytes a component's weights occupy once loaded; on the CPU a memory-mapped VAE keeps only its encoder
-    resident (the decoder is never read while training)."""
-    quantized = quantize and settings.quantize != "none" and component == facts.architecture.denoiser_name
-    linear = set(adaptable_layers(inventory.layer_shapes(component))) if quantized else set()
-    encoder_only = device == "cpu" and component == "vae" and _mapped(inventory, settings, facts, component)
-    total = 0.0
-    for weight in inventory.components[component]:
-        if encoder_only and not weight.name.startswith(("encoder.", "quant_conv.")):
-            continue
-        total += _stored(weight, settings, linear)
-    return round(total)
-
-
-def _stored(weight: Weight, settings: PlanSettings, quantized_layers: set[str], moved: bool = False) -> float:
-    """Bytes one stored weight takes once loaded (`moved`: of those, what block offloading moves): quantized if
-    its layer is, else in `model.dtype` (floating point) or as stored."""
-    if weight.name.removesuffix(".weight") in quantized_layers and quantizes(settings.quantize, weight.shape):
-        return (moved_bytes if moved else stored_bytes)(settings.quantize, weight.shape)
-    if weight.dtype in ("F32", "F16", "BF16", "F64"):
-        return weight.numel * TORCH_DTYPE_BYTES[settings.dtype]
-    return weight.numel * DTYPE_BYTES.get(weight.dtype, 4)
 
 
 def _optimizer_bytes(optimizer: str, sizes: tuple[int, ...]) -> int:
@@ -415,19 +453,16 @@ def _activation_dtype_bytes(settings: PlanSettings) -> float:
     return TORCH_DTYPE_BYTES[settings.dtype]
 
 
-def _mapped(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, component: str) -> bool:
-    """Whether diffusers memory-maps the component's tensors instead of copying them (a folder or a single file
-    stored in the requested dtype, not quantized). Mapped pages count towards RSS only once they are read."""
-    if settings.quantize != "none" and component == facts.architecture.denoiser_name:
-        return False
-    wanted = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[settings.dtype]
-    return all(w.dtype == wanted for w in inventory.components[component] if w.dtype.startswith(("F", "BF")))
+def _host_runtime(device: str) -> Part:
+    """Python and its libraries in RAM (on a GPU machine, CUDA's libraries too)."""
+    if device == "cuda":
+        return Part("runtime (Python, torch, CUDA libraries)", CUDA_RUNTIME_RAM)
+    return Part("runtime (Python, torch, libraries)", CPU_RUNTIME)
 
 
 def _runtime(device: str) -> Part:
-    if device == "cuda":
-        return Part("CUDA context and library workspaces", CUDA_CONTEXT)
-    return Part("runtime (Python, torch, libraries)", CPU_RUNTIME)
+    """The runtime's share of the device: on a GPU its CUDA context; on the CPU, RAM."""
+    return Part("CUDA context and library workspaces", CUDA_CONTEXT) if device == "cuda" else _host_runtime(device)
 
 
 def _latent_frames(settings: PlanSettings, model: ActivationModel) -> int:
@@ -435,43 +470,6 @@ def _latent_frames(settings: PlanSettings, model: ActivationModel) -> int:
     if not (settings.frames and model.temporal_factor):
         return 1
     return (settings.frames - 1) // model.temporal_factor + 1
-
-
-def _text_tokens(
-    inventory: BaseInventory, architecture: Architecture, settings: PlanSettings, model: ActivationModel
-) -> int:
-    """Text tokens the denoiser attends to: a DiT's T5 limit (`model.max_text_tokens`, else the
-    architecture's default; after SD3's 77 CLIP tokens), else the first CLIP encoder's position rows."""
-    default = getattr(architecture, "default_text_tokens", None)
-    if default is not None:
-        return model.clip_tokens + (settings.text_tokens or default)
-    for component in _text_encoders(inventory, architecture):
-        if (rows := _position_rows(inventory, component)) is not None:
-            return rows
-    return 77
-
-
-def _encoder_tokens(
-    inventory: BaseInventory, component: str, architecture: Architecture, settings: PlanSettings
-) -> int:
-    """Tokens one text encoder sees: a CLIP encoder its position rows, a T5 encoder the DiT's token limit."""
-    rows = _position_rows(inventory, component)
-    if rows is not None:
-        return rows
-    return settings.text_tokens or getattr(architecture, "default_text_tokens", 77)
-
-
-def _position_rows(inventory: BaseInventory, component: str) -> int | None:
-    for weight in inventory.components[component]:
-        if weight.name.endswith("position_embedding.weight"):
-            return weight.shape[0]
-    return None
-
-
-def _text_encoders(inventory: BaseInventory, architecture: Architecture) -> list[str]:
-    return [
-        name for name in architecture.kohya_table if name != architecture.denoiser_name and name in inventory.components
-    ]
 
 
 def _architecture(inventory: BaseInventory) -> Architecture:
@@ -483,12 +481,14 @@ def _architecture(inventory: BaseInventory) -> Architecture:
     raise ModelLoadError(f"model.path: no memory model for a {inventory.pipeline_class} yet")
 
 
-def _total(parts: tuple[Part, ...]) -> int:
-    return sum(part.bytes for part in parts)
+def _needed(parts: tuple[Part, ...]) -> int:
+    """What must fit: every part but file pages the kernel can drop."""
+    return sum(part.bytes for part in parts if not part.file_pages)
 
 
 def _largest(phases: dict[str, tuple[Part, ...]]) -> str:
-    return max(phases, key=lambda name: _total(phases[name]))
+    """The phase that needs most; of equals, the one with most file pages resident too."""
+    return max(phases, key=lambda name: (_needed(phases[name]), sum(part.bytes for part in phases[name])))
 
 
 def plan_preset(preset: Preset, device: str = "cuda", images: int | None = None) -> MemoryPlan:

@@ -29,9 +29,9 @@ def at_once(blocks: tuple[int, ...]) -> int:
     return sum(sorted(blocks)[-2:])
 
 
-def streamed_bytes(weights: Iterable[Weight], full: int, stored: Stored) -> tuple[int, int] | None:
-    """(bytes on the GPU, block count) of a text encoder whose blocks stream while it encodes; None when it has
-    fewer than three blocks (nothing to gain)."""
+def streamed_bytes(weights: Iterable[Weight], full: int, stored: Stored) -> tuple[int, int, int] | None:
+    """(bytes on the GPU, block count, bytes of the blocks' pinned host copies) of a text encoder whose blocks
+    stream while it encodes; None when it has fewer than three blocks (nothing to gain)."""
     blocks: dict[str, float] = {}
     for weight in weights:
         match = _ENCODER_BLOCK.match(weight.name)
@@ -39,7 +39,8 @@ def streamed_bytes(weights: Iterable[Weight], full: int, stored: Stored) -> tupl
             blocks[match.group(1)] = blocks.get(match.group(1), 0.0) + stored(weight)
     if len(blocks) < 3:
         return None
-    return round(full - sum(blocks.values()) + at_once(tuple(blocks.values()))), len(blocks)
+    host = sum(blocks.values())
+    return round(full - host + at_once(tuple(blocks.values()))), len(blocks), round(host)
 
 
 def copy_note(blocks: tuple[int, ...], gbps: float) -> str:

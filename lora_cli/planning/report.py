@@ -75,10 +75,19 @@ def format_advice(advice: Advice) -> str:
 
 
 def _section(title: str, peak: int, phase: str, parts: tuple[Part, ...]) -> list[str]:
+    """The peak and its parts, largest first; file pages read once (memory-mapped weights) listed apart."""
     width = max(len(part.name) for part in parts)
     lines = [f"{title} peak: {format_size(peak)} (while {_PHASES[phase]})"]
-    for part in sorted(parts, key=lambda p: -p.bytes):
+    needed = [part for part in parts if not part.file_pages]
+    for part in sorted(needed, key=lambda p: -p.bytes):
         lines.append(f"  {part.name:<{width}}  {format_size(part.bytes):>10}")
+    pages = sorted((part for part in parts if part.file_pages), key=lambda p: -p.bytes)
+    if pages:
+        lines.append(
+            f"  plus {format_size(sum(part.bytes for part in pages))} of memory-mapped weight files read once: "
+            "RSS shows them, the kernel drops them when RAM runs short"
+        )
+        lines += [f"  {part.name:<{width}}  {format_size(part.bytes):>10}" for part in pages]
     return lines
 
 
