@@ -308,7 +308,7 @@ def _pinned_text_encoders(facts: _Facts, names: list[str]) -> list[Part]:
     """With block offloading, the pinned host copies of the streamed text encoders' blocks among `names`."""
     if not facts.weights.settings.offload_blocks:
         return []
-    streamed = [(name, _streamed(facts, name, "cuda")) for name in names if name != "vae"]
+    streamed = [(name, _streamed(facts, name)) for name in names if name != "vae"]
     return [
         Part(f"weights: {name} ({found[1]} blocks in pinned host memory)", found[2])
         for name, found in streamed
@@ -316,10 +316,10 @@ def _pinned_text_encoders(facts: _Facts, names: list[str]) -> list[Part]:
     ]
 
 
-def _streamed(facts: _Facts, name: str, device: str) -> tuple[int, int, int] | None:
+def _streamed(facts: _Facts, name: str) -> tuple[int, int, int] | None:
     """A text encoder's bytes on the GPU, block count and pinned host bytes when its blocks stream."""
     weights = facts.weights
-    full = weights.component_bytes(name, device)
+    full = weights.component_bytes(name)
     return streamed_bytes(weights.inventory.components[name], full, lambda w: weights.weight_bytes(w, set()))
 
 
@@ -391,7 +391,7 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
 def _held_weights(settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
     """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks."""
     streams = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
-    found = streams and _streamed(facts, name, device)
+    found = streams and _streamed(facts, name)
     if not found:
         return Part(f"weights: {name}", facts.weights.component_bytes(name, device))
     resident, blocks, _host = found
