@@ -85,7 +85,8 @@ def test_any_overrides_on_a_valid_preset(overrides: list[str], tmp_path: Path) -
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=DOCUMENTS)
 def test_the_cli_answers_any_preset_with_one_line_and_exit_code_2(document: dict, tmp_path: Path) -> None:
-    """Through `lora-train --plan`: the preset, then its model and data, are refused one line at a time."""
+    """Through `lora-train --plan`: the preset, then its model, are refused one line at a time (a dataset that
+    cannot be read is a note there: a plan does not need one)."""
     path = tmp_path / "preset.yaml"
     path.write_text(yaml.safe_dump(document, allow_unicode=True))
     result = invoke("train", str(path), "--plan")

@@ -190,9 +190,15 @@ def test_flux_dev_headers_plan_to_8_gib_with_nf4_and_offloading(tmp_path: Path, 
     overrides = [f"model.path={base}", f"data.folder={shapes_data}", "data.resolution=512", "model.quantize=none"]
     preset = Path(__file__).resolve().parents[1] / "presets" / "flux-nf4.yaml"
     report = plan_report(load_preset(preset, overrides), vram=8 * 2**30)
-    advice = report.splitlines()[-3:]
+    advice = report.splitlines()[-4:]
     assert advice[0].startswith("1. model.quantize: nf4") and advice[1].startswith("2. train.offload_blocks: ")
     assert advice[2].startswith("fits with 2 change(s)")
+    # the advice as `--set` values: the preset they make plans within the budget
+    sets = advice[3].removeprefix("to train so: add ").split(" to the lora-train command")[0].split()
+    assert sets[0::2] == ["--set", "--set"] and sets[1] == "model.quantize=nf4"
+    advised = load_preset(preset, [*overrides, *sets[1::2]])
+    assert advised.model.quantize == "nf4" and advised.train.offload_blocks > 0
+    assert plan_report(advised, vram=8 * 2**30).splitlines()[-1].startswith("fits: VRAM 7.")
 
 
 def test_a_gpu_runs_ram_counts_pinned_copies_but_not_file_pages_read_once(tmp_path: Path) -> None:

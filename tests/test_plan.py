@@ -316,6 +316,18 @@ def test_fsdp_plan_splits_the_denoiser_and_its_adapter(write_preset, tmp_path: P
     assert "GPU memory peak" in plan_report(refused)  # one process: nothing to shard
 
 
+def test_lora_train_plan_needs_no_dataset_yet(write_preset, tmp_path: Path) -> None:
+    """Whether a base fits a GPU is asked before a dataset exists: `--plan` says it did not read one and plans."""
+    from tests.conftest import run_cli
+
+    missing = tmp_path / "not-yet"
+    result = run_cli(str(write_preset(data={"folder": str(missing)})), "--plan", "--vram", "64GiB")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, *rest = result.stdout.splitlines()
+    assert first.startswith("note: dataset not read (") and str(missing) in first and "planned without it" in first
+    assert "GPU memory peak" in result.stdout and rest[-1].startswith("fits: VRAM ")
+
+
 def test_lora_train_plan_on_a_video_dit(tiny_dits, write_preset, tmp_path: Path) -> None:
     """`lora-train PRESET --plan` end to end on the tiny Wan with 17-frame clips: a plan, no error."""
     from lora_cli.toy.tiny_dits import write_clips

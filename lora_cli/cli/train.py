@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lora_cli.cli.errors import run_app
 from lora_cli.cli.options import Overrides
 from lora_cli.cli.quiet import quiet_libraries
+
+if TYPE_CHECKING:
+    from lora_cli.config.schema import Preset
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -88,17 +91,17 @@ def train(
         )
     if planning:
         from lora_cli.planning import parse_size, plan_report
-        from lora_cli.training.session import scan_dataset
 
+        images, note = _planned_images(loaded)
         report = plan_report(
             loaded,
             vram=parse_size(vram, "--vram") if vram is not None else None,
             ram=parse_size(ram, "--ram") if ram is not None else None,
-            images=len(scan_dataset(loaded).items),
+            images=images,
             processes=processes,
             host_link_gbps=host_link,
         )
-        Console().print(report, highlight=False, markup=False, soft_wrap=True)
+        Console().print(report if note is None else f"{note}\n{report}", highlight=False, markup=False, soft_wrap=True)
         return
     from lora_cli.training.distributed import launch_rank
     from lora_cli.training.run import train as run_training
@@ -116,3 +119,15 @@ def train(
 
 def main() -> None:
     run_app(app, "lora-train")
+
+
+def _planned_images(preset: Preset) -> tuple[int | None, str | None]:
+    """The training images `--plan` counts, and a note instead when the dataset cannot be read yet: whether a
+    base fits a GPU is asked before any dataset exists, and the plan needs only how many images caching takes."""
+    from lora_cli.errors import DatasetError
+    from lora_cli.training.session import scan_dataset
+
+    try:
+        return len(scan_dataset(preset).items), None
+    except DatasetError as exc:
+        return None, f"note: dataset not read ({exc}); planned without it"

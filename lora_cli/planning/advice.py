@@ -32,6 +32,10 @@ class Change:
     def line(self) -> str:
         return ", ".join(f"{key}: {_yaml(value)}" for key, value in self.updates.items())
 
+    def overrides(self) -> list[str]:
+        """The change as `lora-train --set` values."""
+        return [f"{key}={_yaml(value)}" for key, value in self.updates.items()]
+
 
 @dataclass(frozen=True)
 class Advice:

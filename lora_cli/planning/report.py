@@ -71,6 +71,9 @@ def format_advice(advice: Advice) -> str:
         vram = f"VRAM {format_size(change.peak_device_bytes)}, " if advice.device == "cuda" else ""
         lines.append(f"{number}. {change.line()}  -> {vram}RAM {format_size(change.peak_ram_bytes)}")
     lines.append(advice.message)
+    if advice.fits and advice.changes:
+        sets = " ".join(f"--set {value}" for change in advice.changes for value in change.overrides())
+        lines.append(f"to train so: add {sets} to the lora-train command, or make those changes in the preset")
     return "\n".join(lines)
 
 
