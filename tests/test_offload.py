@@ -275,3 +275,28 @@ def test_prior_images_are_drawn_with_the_blocks_offloaded(flux: Path, write_pres
     assert len(drawn[0][0]) == 2 and drawn[0][0] == drawn[2][0]
     for key, value in drawn[0][1].items():
         assert torch.equal(value, drawn[2][1][key]), key
+
+
+def test_released_text_encoders_take_their_streamed_copies_with_them(flux: Path, write_preset, tmp_path) -> None:
+    """Once the caches are full the text encoders are released, and their streamed blocks' host copies (T5-XXL's
+    9 GiB of pinned memory on a GPU) go with them at once: no reference cycle keeps them for the garbage collector."""
+    import gc
+    import weakref
+
+    from lora_cli.config import load_preset
+    from lora_cli.training.offload import repeated_blocks
+    from lora_cli.training.session import build_session, prepare_model, run_paths, scan_dataset
+
+    sections = preset_sections(flux, tmp_path / "out", offload=2)
+    sections |= {"cache": {"latents": True, "text_embeddings": True}, "sample": {"prompts": []}}
+    preset = load_preset(write_preset(**sections))
+    base, adapter, data = prepare_model(preset, scan_dataset(preset))
+    blocks = [weakref.ref(block) for encoder in base.text_encoders.values() for block in repeated_blocks(encoder)]
+    assert blocks
+    gc.disable()
+    try:
+        session = build_session(preset, run_paths(preset), base, adapter, data)
+        assert not session.base.text_encoders
+        assert not [block for block in blocks if block() is not None]
+    finally:
+        gc.enable()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,9 +34,11 @@ Held = list[tuple[torch.Tensor, torch.Tensor]]  # a block's frozen tensors, each
 
 @dataclass
 class BlockOffloader:
-    """Moves the frozen weights of `blocks` between host and `device` around each block's forward pass."""
+    """Moves the frozen weights of `blocks` between host and `device` around each block's forward pass. It keeps
+    no reference to the blocks (their hooks keep it): a released module goes at once with its host copies, with no
+    reference cycle waiting for the garbage collector (T5-XXL's 9 GiB of pinned copies after caching)."""
 
-    blocks: list[nn.Module]
+    blocks: InitVar[list[nn.Module]]
     device: torch.device
     _held: list[Held] = field(default_factory=list)
     _staged: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = field(default_factory=dict)
@@ -45,19 +47,23 @@ class BlockOffloader:
     _stream: torch.cuda.Stream | None = None
     _hooks: list = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, blocks: list[nn.Module]) -> None:
         pinned = self.device.type == "cuda"
         if pinned:
             self._stream = torch.cuda.Stream(self.device)
-        frozen = [[p for p in b.parameters() if not p.requires_grad] + list(b.buffers()) for b in self.blocks]
+        frozen = [[p for p in b.parameters() if not p.requires_grad] + list(b.buffers()) for b in blocks]
         made = iter(host_copies([tensor for block in frozen for tensor in block], pinned))
-        for index, module in enumerate(self.blocks):
+        for index, module in enumerate(blocks):
             self._held.append([(tensor, next(made)) for tensor in frozen[index]])
             self._hooks += [
                 module.register_forward_pre_hook(lambda _module, _args, i=index: self._load(i)),
                 module.register_forward_hook(lambda _module, _args, _output, i=index: self._unload(i)),
             ]
             self._unload(index)
+
+    @property
+    def block_count(self) -> int:
+        return len(self._held)
 
     @property
     def host_bytes(self) -> int:
@@ -164,7 +170,7 @@ def offloaded_while_drawing(base: LoadedBase, count: int, device: torch.device) 
 def offload_summary(offloader: BlockOffloader, total_blocks: int) -> str:
     where = "pinned host memory" if offloader.device.type == "cuda" else "host memory"
     return (
-        f"offloading {len(offloader.blocks)} of {total_blocks} blocks: {offloader.host_bytes / 2**20:,.0f} MiB of "
+        f"offloading {offloader.block_count} of {total_blocks} blocks: {offloader.host_bytes / 2**20:,.0f} MiB of "
         f"frozen weights in {where}, copied to the {offloader.device.type} block by block; the text encoders' "
         "blocks stream the same way while they encode"
     )
