@@ -154,8 +154,9 @@ def plan_peak(preset: dict, path: Path) -> str:
 
 def run_with_rusage(command: list[str], log: Path, limit: float) -> tuple[int | None, int, int]:
     """Run `command` from the project root, its output into `log`; (its exit code, or None when it was killed
-    after `limit` seconds; its peak RSS in bytes, from its own rusage; its peak anonymous memory, RssAnon
-    sampled every 50 ms: RSS without the file pages of memory-mapped weights, which the kernel can drop)."""
+    after `limit` seconds; its peak RSS in bytes, from its own rusage; its peak RssAnon + RssShmem, sampled
+    every 50 ms: RSS without the file pages of memory-mapped weights, which the kernel can drop; CUDA's pinned
+    host memory may count as shared memory)."""
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
     killed, done = threading.Event(), threading.Event()
@@ -165,10 +166,10 @@ def run_with_rusage(command: list[str], log: Path, limit: float) -> tuple[int | 
         status = Path(f"/proc/{process.pid}/status")
         while not done.wait(0.05):
             try:
-                line = next(line for line in status.read_text().splitlines() if line.startswith("RssAnon:"))
-            except (OSError, StopIteration):  # gone, or a zombie until reaped
+                lines = [line for line in status.read_text().splitlines() if line.startswith(("RssAnon:", "RssShmem:"))]
+            except OSError:  # gone
                 continue
-            anonymous[0] = max(anonymous[0], int(line.split()[1]) * 1024)
+            anonymous[0] = max(anonymous[0], sum(int(line.split()[1]) * 1024 for line in lines))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -14,10 +14,11 @@ LoRA, batch 1, bf16, AdamW8bit, checkpointing, caches on) trains at 512 px in fr
 Each row: s/step (median optimizer-step interval after the first quarter, `benchmarks.step_timer`), GPU peak by
 nvidia-smi (every 50 ms, CUDA context included, as the planner counts it) and torch's allocator peak beside the
 plan's GPU peak, the process's peak RSS (its own rusage) beside the plan's resident peak (file pages of the weights
-read once included), and its peak anonymous memory (RssAnon, sampled) beside the plan's RAM peak (what must fit:
-offloaded blocks and streamed text encoders wait in pinned host memory). Runs that would pass `--deadline` seconds
-are skipped. `--small` is a CPU dry run of the same script with a tiny Flux-shaped folder, budgets just under each
-resident plan and no nf4 (bitsandbytes' 4-bit kernels need CUDA): it checks the script, not the numbers.
+read once included), and its peak anonymous and shared memory (RssAnon + RssShmem, sampled; CUDA's pinned memory may
+be either) beside the plan's RAM peak (what must fit: offloaded blocks and streamed text encoders wait in pinned
+host memory). Runs that would pass `--deadline` seconds are skipped. `--small` is a CPU dry run of the same script
+with a tiny Flux-shaped folder, budgets just under each resident plan and no nf4 (bitsandbytes' 4-bit kernels need
+CUDA): it checks the script, not the numbers.
 """
 
 from __future__ import annotations
@@ -212,9 +213,9 @@ COLUMNS: tuple[Column, ...] = (
     ("RSS peak (MiB)", lambda row: row.get("ram_peak_mib", "")),
     ("RSS plan (MiB)", lambda row: row.get("plan_rss_mib", "")),
     ("RSS vs plan", versus("ram_peak_mib", "plan_rss_mib")),
-    ("RssAnon peak (MiB)", lambda row: row.get("anonymous_peak_mib", "")),
+    ("RssAnon+RssShmem peak (MiB)", lambda row: row.get("anonymous_peak_mib", "")),
     ("RAM plan (MiB)", lambda row: row.get("plan_ram_mib", "")),
-    ("RssAnon vs RAM plan", versus("anonymous_peak_mib", "plan_ram_mib")),
+    ("vs RAM plan", versus("anonymous_peak_mib", "plan_ram_mib")),
 )
 
 

@@ -5,8 +5,8 @@ A run goes through three phases, and each peak is the largest phase total:
   until used); quantizing reads the full-precision denoiser once;
 - cache: the encoders work on the device (adapter already injected) to fill the latent/text caches;
 - train: the denoiser (and the encoders still held), adapter, gradients, optimizer state and activations.
-On "cuda" the device holds cache and train, and RAM holds what waits for the device or is offloaded. On "cpu"
-everything is RAM. File pages read once (`Part.file_pages`) show in RSS but are not part of what must fit.
+On "cuda" the device holds cache and train; RAM holds what waits for the device or is offloaded, its peak while
+loading, filling the caches, or when the denoiser moves to the GPU (`host_ram`). On "cpu" everything is RAM. File pages read once (`Part.file_pages`) show in RSS but are not part of what must fit.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import ModelLoadError
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
+from lora_cli.planning.host_ram import gpu_run_host_phases, streamed_blocks
 from lora_cli.planning.inventory import TORCH_DTYPE_BYTES, BaseInventory
 from lora_cli.planning.llm_dit_activations import LLM_DIT_MODELS
-from lora_cli.planning.offload import HOST_LINK_GBPS, at_once, copy_note, offloaded_block_bytes, streamed_bytes
+from lora_cli.planning.offload import HOST_LINK_GBPS, at_once, copy_note, offloaded_block_bytes
+from lora_cli.planning.parts import Part, needed
 from lora_cli.planning.stored import StoredWeights
 from lora_cli.planning.text_tokens import denoiser_text_tokens, encoder_tokens, text_encoders
 from lora_cli.planning.transformer_activations import DIT_MODELS
@@ -110,17 +112,6 @@ class PlanSettings:
 
 
 @dataclass(frozen=True)
-class Part:
-    """One line of a breakdown. `file_pages`: pages of a memory-mapped weights file read once (to quantize it, or
-    on its way to the GPU); resident RAM while mapped, but the kernel drops them when RAM runs short, so they are
-    not part of what must fit."""
-
-    name: str
-    bytes: int
-    file_pages: bool = False
-
-
-@dataclass(frozen=True)
 class MemoryPlan:
     """Estimated peaks with the breakdown of the phase where each occurs."""
 
@@ -149,7 +140,9 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
     cache = _cache_phase(inventory, settings, facts, device)
     train = _train_phase(inventory, settings, facts, device)
     if device == "cuda":
-        ram_phases = {"load": load, **_host_phases_of_a_gpu_run(inventory, settings, facts)}
+        released = _released(inventory, settings, facts)
+        host = gpu_run_host_phases(facts.weights, _host_runtime(device), released, facts.offloaded)
+        ram_phases = {"load": load, **host}
     else:
         ram_phases = {"load": load, "cache": cache, "train": train}
     device_phases = {"cache": cache, "train": train} if device == "cuda" else ram_phases
@@ -158,8 +151,8 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
     return MemoryPlan(
         device=device,
         settings=settings,
-        peak_device_bytes=max(_needed(parts) for parts in device_phases.values()),
-        peak_ram_bytes=max(_needed(parts) for parts in ram_phases.values()),
+        peak_device_bytes=max(needed(parts) for parts in device_phases.values()),
+        peak_ram_bytes=max(needed(parts) for parts in ram_phases.values()),
         device_phase=device_phase,
         ram_phase=ram_phase,
         device_parts=device_phases[device_phase],
@@ -257,70 +250,16 @@ def _load_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts,
     is converted into a copy in RAM. Quantizing reads the full-precision denoiser once, layer by layer: from a
     memory-mapped file, those are file pages; converted, a full copy."""
     parts = [_host_runtime(device)]
-    for name in inventory.components:
-        if not facts.weights.mapped(name):
-            parts.append(Part(f"weights: {name}", facts.weights.component_bytes(name)))
     denoiser = facts.architecture.denoiser_name
+    on_the_move = device == "cuda" and settings.quantize == "int8"  # bitsandbytes quantizes it on the GPU
+    for name in inventory.components:
+        if not facts.weights.mapped(name) and not (on_the_move and name == denoiser):
+            parts.append(Part(f"weights: {name}", facts.weights.component_bytes(name)))
     if settings.quantize != "none":
         full = facts.weights.component_bytes(denoiser, quantize=False)
         from_file = facts.weights.in_model_dtype(denoiser)
         parts.append(Part(f"full-precision {denoiser} while it is quantized", full, file_pages=from_file))
     return tuple(parts)
-
-
-def _host_phases_of_a_gpu_run(
-    inventory: BaseInventory, settings: PlanSettings, facts: _Facts
-) -> dict[str, tuple[Part, ...]]:
-    """RAM of a GPU run after loading. While the caches fill the denoiser waits on the host (its quantized or
-    converted copy; memory-mapped, unread); the encoders move to the GPU (memory-mapped ones read from their
-    files on the way). When training starts the denoiser moves too. Block offloading keeps the offloaded blocks,
-    and the text encoders' streamed blocks while the encoders are held, in pinned host memory."""
-    denoiser = facts.architecture.denoiser_name
-    encoders = [name for name in inventory.components if name != denoiser]
-    caching = settings.cache_latents or settings.cache_text_embeddings
-    phases = {}
-    if caching:
-        cache = [_host_runtime("cuda"), *_read_on_the_way(facts, encoders), *_pinned_text_encoders(facts, encoders)]
-        if not facts.weights.mapped(denoiser):
-            cache.append(Part(f"weights: {denoiser} (waiting for training)", facts.weights.component_bytes(denoiser)))
-        phases["cache"] = tuple(cache)
-    held = [name for name in encoders if name not in _released(inventory, settings, facts)]
-    train = [_host_runtime("cuda"), *_read_on_the_way(facts, [denoiser] if caching else [denoiser, *encoders])]
-    train += _pinned_text_encoders(facts, held)
-    if facts.offloaded:
-        blocks = f"offloaded blocks (pinned host memory, {len(facts.offloaded)} blocks)"
-        train.append(Part(blocks, sum(facts.offloaded)))
-    phases["train"] = tuple(train)
-    return phases
-
-
-def _read_on_the_way(facts: _Facts, names: list[str]) -> list[Part]:
-    """File pages of the memory-mapped components among `names`, read on their way to the GPU."""
-    weights = facts.weights
-    return [
-        Part(f"weights: {name} (file read on the way to the GPU)", weights.component_bytes(name), file_pages=True)
-        for name in names
-        if weights.mapped(name)
-    ]
-
-
-def _pinned_text_encoders(facts: _Facts, names: list[str]) -> list[Part]:
-    """With block offloading, the pinned host copies of the streamed text encoders' blocks among `names`."""
-    if not facts.weights.settings.offload_blocks:
-        return []
-    streamed = [(name, _streamed(facts, name)) for name in names if name != "vae"]
-    return [
-        Part(f"weights: {name} ({found[1]} blocks in pinned host memory)", found[2])
-        for name, found in streamed
-        if found
-    ]
-
-
-def _streamed(facts: _Facts, name: str) -> tuple[int, int, int] | None:
-    """A text encoder's bytes on the GPU, block count and pinned host bytes when its blocks stream."""
-    weights = facts.weights
-    full = weights.component_bytes(name)
-    return streamed_bytes(weights.inventory.components[name], full, lambda w: weights.weight_bytes(w, set()))
 
 
 def _cache_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts, device: str) -> tuple[Part, ...]:
@@ -391,7 +330,7 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
 def _held_weights(settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
     """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks."""
     streams = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
-    found = streams and _streamed(facts, name)
+    found = streams and streamed_blocks(facts.weights, name)
     if not found:
         return Part(f"weights: {name}", facts.weights.component_bytes(name, device))
     resident, blocks, _host = found
@@ -481,14 +420,9 @@ def _architecture(inventory: BaseInventory) -> Architecture:
     raise ModelLoadError(f"model.path: no memory model for a {inventory.pipeline_class} yet")
 
 
-def _needed(parts: tuple[Part, ...]) -> int:
-    """What must fit: every part but file pages the kernel can drop."""
-    return sum(part.bytes for part in parts if not part.file_pages)
-
-
 def _largest(phases: dict[str, tuple[Part, ...]]) -> str:
     """The phase that needs most; of equals, the one with most file pages resident too."""
-    return max(phases, key=lambda name: (_needed(phases[name]), sum(part.bytes for part in phases[name])))
+    return max(phases, key=lambda name: (needed(phases[name]), sum(part.bytes for part in phases[name])))
 
 
 def plan_preset(preset: Preset, device: str = "cuda", images: int | None = None) -> MemoryPlan:

@@ -94,4 +94,9 @@ def _section(title: str, peak: int, phase: str, parts: tuple[Part, ...]) -> list
     return lines
 
 
-_PHASES = {"load": "loading the base", "cache": "filling the caches", "train": "training"}
+_PHASES = {
+    "load": "loading the base",
+    "cache": "filling the caches",
+    "train": "training",
+    "start": "the denoiser moves to the GPU; training keeps only the pinned copies",
+}

@@ -35,8 +35,9 @@ Held = list[tuple[torch.Tensor, torch.Tensor]]  # a block's frozen tensors, each
 @dataclass
 class BlockOffloader:
     """Moves the frozen weights of `blocks` between host and `device` around each block's forward pass. It keeps
-    no reference to the blocks (their hooks keep it): a released module goes at once with its host copies, with no
-    reference cycle waiting for the garbage collector (T5-XXL's 9 GiB of pinned copies after caching)."""
+    no reference to the blocks (their hooks keep it): a released module's host copies are freed with it, with no
+    reference cycle waiting for the garbage collector (T5-XXL's 9 GiB of pinned copies after caching; the session
+    then hands torch's cached pinned memory back to the system)."""
 
     blocks: InitVar[list[nn.Module]]
     device: torch.device

@@ -17,7 +17,7 @@ from lora_cli.adapters.injection import InjectedAdapter, inject_adapter
 from lora_cli.config.schema import Preset
 from lora_cli.errors import DatasetError, PresetError
 from lora_cli.models import LoadedBase, load_base
-from lora_cli.models.devices import cpu_only
+from lora_cli.models.devices import cpu_only, release_cached_pinned_memory
 from lora_cli.training.data import TrainingData, epoch_batches
 from lora_cli.training.distill import make_distillation, trained_dataset_items
 from lora_cli.training.encoders import BatchEncoder
@@ -234,6 +234,8 @@ def build_session(
     encoder = BatchEncoder(base, data, preset, device)
     keep_encoders = bool(preset.sample.prompts)
     encoder.fill_caches(paths.cache, keep_encoders, on_progress=lambda message: None)
+    if train.offload_blocks and device.type == "cuda":  # released encoders: their pinned copies back to the system
+        release_cached_pinned_memory()
 
     # The denoiser is sharded (FSDP) or wrapped (DDP) before the optimizer sees its parameters: sharding
     # replaces them. Text encoders stay plain modules on the device; their adapter's gradients are averaged
