@@ -6,7 +6,8 @@ A run goes through three phases, and each peak is the largest phase total:
 - cache: the encoders work on the device (adapter already injected) to fill the latent/text caches;
 - train: the denoiser (and the encoders still held), adapter, gradients, optimizer state and activations.
 On "cuda" the device holds cache and train; RAM holds what waits for the device or is offloaded, its peak while
-loading, filling the caches, or when the denoiser moves to the GPU (`host_ram`). On "cpu" everything is RAM. File pages read once (`Part.file_pages`) show in RSS but are not part of what must fit.
+loading, filling the caches, or when the denoiser moves to the GPU (`host_ram`). On "cpu" everything is RAM.
+File pages read once (`Part.file_pages`) show in RSS but are not part of what must fit.
 """
 
 from __future__ import annotations
