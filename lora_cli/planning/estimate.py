@@ -21,11 +21,11 @@ from lora_cli.config.schema import AdapterSection
 from lora_cli.errors import ModelLoadError
 from lora_cli.planning.activations import UNET_MODELS, ActivationModel, Activations, DenoiserQuery
 from lora_cli.planning.adapter_size import adaptable_layers, adapter_tensor_sizes, match_targets, select_targets
-from lora_cli.planning.host_ram import gpu_run_host_phases, streamed_blocks
+from lora_cli.planning.host_ram import gpu_run_host_phases, streamed_blocks, streamed_encoders
 from lora_cli.planning.inventory import TORCH_DTYPE_BYTES, BaseInventory
 from lora_cli.planning.llm_dit_activations import LLM_DIT_MODELS
 from lora_cli.planning.offload import HOST_LINK_GBPS, at_once, copy_note, offloaded_block_bytes
-from lora_cli.planning.parts import Part, needed
+from lora_cli.planning.parts import Part, needed, resident
 from lora_cli.planning.stored import StoredWeights
 from lora_cli.planning.text_tokens import denoiser_text_tokens, encoder_tokens, text_encoders
 from lora_cli.planning.transformer_activations import DIT_MODELS
@@ -163,7 +163,7 @@ def estimate_memory(inventory: BaseInventory, settings: PlanSettings, device: st
         notes=facts.notes,
         offloaded_bytes=sum(facts.offloaded) if device == "cuda" else 0,
         offloadable_blocks=len(facts.blocks) if facts.architecture.denoiser_name == "transformer" else 0,
-        peak_resident_bytes=max(sum(part.bytes for part in parts) for parts in ram_phases.values()),
+        peak_resident_bytes=max(resident(parts) for parts in ram_phases.values()),
     )
 
 
@@ -330,7 +330,7 @@ def _train_phase(inventory: BaseInventory, settings: PlanSettings, facts: _Facts
 
 def _held_weights(settings: PlanSettings, facts: _Facts, name: str, device: str) -> Part:
     """A component's weights on the device; with block offloading on a GPU, a text encoder streams its blocks."""
-    streams = settings.offload_blocks and device == "cuda" and name not in (facts.architecture.denoiser_name, "vae")
+    streams = settings.offload_blocks and device == "cuda" and name in streamed_encoders(facts.weights)
     found = streams and streamed_blocks(facts.weights, name)
     if not found:
         return Part(f"weights: {name}", facts.weights.component_bytes(name, device))
@@ -423,7 +423,7 @@ def _architecture(inventory: BaseInventory) -> Architecture:
 
 def _largest(phases: dict[str, tuple[Part, ...]]) -> str:
     """The phase that needs most; of equals, the one with most file pages resident too."""
-    return max(phases, key=lambda name: (needed(phases[name]), sum(part.bytes for part in phases[name])))
+    return max(phases, key=lambda name: (needed(phases[name]), resident(phases[name])))
 
 
 def plan_preset(preset: Preset, device: str = "cuda", images: int | None = None) -> MemoryPlan:

@@ -17,7 +17,7 @@ def gpu_run_host_phases(
     the caches are full; `offloaded`: the offloaded blocks' bytes."""
     settings, denoiser = weights.settings, weights.denoiser
     encoders = [name for name in weights.inventory.components if name != denoiser]
-    text_encoders = [name for name in encoders if name != "vae"]  # what the session streams
+    text_encoders = streamed_encoders(weights)
     caching = settings.cache_latents or settings.cache_text_embeddings
     waiting = _waiting_denoiser(weights)
     phases = {}
@@ -72,6 +72,11 @@ def _streamed_encoders(weights: StoredWeights, names: list[str], converting: boo
                     Part(f"weights: {name} (converted, while its blocks are copied)", weights.component_bytes(name))
                 )
     return parts
+
+
+def streamed_encoders(weights: StoredWeights) -> list[str]:
+    """The components whose blocks stream with block offloading: the text encoders (neither denoiser nor VAE)."""
+    return [name for name in weights.inventory.components if name not in (weights.denoiser, "vae")]
 
 
 def streamed_blocks(weights: StoredWeights, name: str) -> tuple[int, int, int] | None:

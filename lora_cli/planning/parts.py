@@ -19,3 +19,8 @@ class Part:
 def needed(parts: tuple[Part, ...]) -> int:
     """What must fit: every part but file pages the kernel can drop."""
     return sum(part.bytes for part in parts if not part.file_pages)
+
+
+def resident(parts: tuple[Part, ...]) -> int:
+    """What RSS may show: every part, file pages included."""
+    return sum(part.bytes for part in parts)

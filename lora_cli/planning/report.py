@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 from lora_cli.config.schema import fsdp_conflict
 from lora_cli.errors import PresetError
 from lora_cli.planning.advice import Advice, Budget, advise
-from lora_cli.planning.estimate import MemoryPlan, Part, PlanSettings, estimate_memory
+from lora_cli.planning.estimate import MemoryPlan, PlanSettings, estimate_memory
 from lora_cli.planning.inventory import read_inventory
+from lora_cli.planning.parts import Part, resident
 from lora_cli.units import format_size
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def _section(title: str, peak: int, phase: str, parts: tuple[Part, ...]) -> list
     pages = sorted((part for part in parts if part.file_pages), key=lambda p: -p.bytes)
     if pages:
         lines.append(
-            f"  plus {format_size(sum(part.bytes for part in pages))} of memory-mapped weight files read once: "
+            f"  plus {format_size(resident(tuple(pages)))} of memory-mapped weight files read once: "
             "RSS shows them, the kernel drops them when RAM runs short"
         )
         lines += [f"  {part.name:<{width}}  {format_size(part.bytes):>10}" for part in pages]
